@@ -1,0 +1,1 @@
+"""rdax.client: the client library and the `rdax` command line."""

@@ -1,0 +1,73 @@
+#!/bin/bash
+# Stage 2 of the lab guest (PID 1): bring up the fsdax filesystem, the two
+# network namespaces joined by a veth pair with one rxe device on each end,
+# run the requested command, record its exit status, power off.
+# Anything that fails here is written to /run/rdax-lab.env as RDAX_LAB_ERRORS,
+# so that lab tests fail with the reason instead of skipping.
+export PATH=/opt/rdax/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devpts devpts /dev/pts 2>/dev/null || { mkdir -p /dev/pts && mount -t devpts devpts /dev/pts; }
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/netns
+echo 1 > /proc/sys/kernel/sysrq
+
+run_dir=$(sed -n 's/.*rdax.run=\([^ ]*\).*/\1/p' /proc/cmdline)
+errors=()
+step() {  # step DESCRIPTION CMD...: run CMD, remember DESCRIPTION if it fails
+    local what=$1; shift
+    local out; if ! out=$("$@" 2>&1); then errors+=("$what: $(echo "$out" | tail -2 | tr '\n' ' ')"); return 1; fi
+}
+
+# Persistent memory: the emulated NVDIMM as an fsdax namespace, XFS with dax=always.
+DAX_MOUNT=/mnt/pmem
+mkdir -p $DAX_MOUNT
+if step "modprobe nfit nd_pmem" modprobe -a nfit nd_pmem libnvdimm; then
+    for _ in $(seq 50); do [[ -e /sys/bus/nd/devices/namespace0.0 ]] && break; sleep 0.1; done
+    step "ndctl create-namespace fsdax" ndctl create-namespace -f -e namespace0.0 -m fsdax \
+    && step "mkfs.xfs /dev/pmem0" mkfs.xfs -q -f -m reflink=0 /dev/pmem0 \
+    && step "mount -o dax=always /dev/pmem0" mount -o dax=always /dev/pmem0 $DAX_MOUNT
+fi
+
+# Two hosts: namespaces 'storage' and 'client', a veth pair with MTU 9000 so
+# that the rxe path MTU is 4096 (rxe ODP loses data below it: LAB-NOTES.md).
+STORAGE_IP=10.77.0.1 CLIENT_IP=10.77.0.2
+step "modprobe rdma modules" modprobe -a rdma_rxe ib_uverbs rdma_ucm veth
+ip link set lo up
+if step "netns" ip netns add storage && step "netns" ip netns add client; then
+    step "veth pair" ip link add veth-storage netns storage type veth peer name veth-client netns client
+    for ns in storage client; do
+        ip -n $ns link set lo up
+        ip -n $ns link set veth-$ns mtu 9000 up
+    done
+    ip -n storage addr add $STORAGE_IP/24 dev veth-storage
+    ip -n client addr add $CLIENT_IP/24 dev veth-client
+    step "rxe on veth-storage" ip netns exec storage rdma link add rxe_storage type rxe netdev veth-storage
+    step "rxe on veth-client" ip netns exec client rdma link add rxe_client type rxe netdev veth-client
+fi
+
+{
+    echo "RDAX_LAB=1"
+    echo "RDAX_DAX_MOUNT=$DAX_MOUNT"
+    echo "RDAX_STORAGE_NS=storage RDAX_STORAGE_IP=$STORAGE_IP RDAX_STORAGE_DEV=rxe_storage"
+    echo "RDAX_CLIENT_NS=client RDAX_CLIENT_IP=$CLIENT_IP RDAX_CLIENT_DEV=rxe_client"
+    printf 'RDAX_LAB_ERRORS=%q\n' "$(IFS=';'; echo "${errors[*]}")"
+} > /run/rdax-lab.env
+set -a; source /run/rdax-lab.env; set +a
+[[ -n $RDAX_LAB_ERRORS ]] && echo "lab: setup problems: $RDAX_LAB_ERRORS" > /dev/console
+
+status=127
+if [[ -n $run_dir && -f $run_dir/cmd.sh ]]; then
+    cd /src
+    echo "lab: ready in $(cut -d' ' -f1 /proc/uptime) s" > /dev/console
+    bash "$run_dir/cmd.sh" < /dev/null 2>&1 | tee "$run_dir/output.log" > /dev/console
+    status=${PIPESTATUS[0]}
+else
+    echo "lab: no command (rdax.run=$run_dir)" > /dev/console
+fi
+echo "$status" > "$run_dir/status.tmp" && mv "$run_dir/status.tmp" "$run_dir/status"
+sync
+echo o > /proc/sysrq-trigger
+sleep 10

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run one command in the lab guest and return its exit status:
+#   lab/run.sh 'pytest tests/lab'
+# The checkout is /src in the guest (read-write: results come back through it).
+source "$(dirname "$0")/common.sh"
+[[ $# -ge 1 ]] || die "usage: lab/run.sh COMMAND..."
+
+kernel=$("$LAB_DIR/fetch-kernel.sh")
+root=$("$LAB_DIR/build-root.sh")
+initramfs=$("$LAB_DIR/build-initramfs.sh")
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing (make host-deps)"
+
+run_id=$(date +%Y%m%d-%H%M%S)-$$
+run_dir="$REPO_DIR/.lab/runs/$run_id"
+mkdir -p "$run_dir"
+printf '%s\n' "$*" > "$run_dir/cmd.sh"
+# The NVDIMM's backing file: sparse, fresh for every run.
+pmem=$(mktemp "${TMPDIR:-/tmp}/rdax-pmem-XXXXXX")
+trap 'rm -f "$pmem"' EXIT
+truncate -s "${RDAX_PMEM_SIZE:-2G}" "$pmem"
+
+# Software emulation: the host's KVM does not boot a stock kernel (LAB-NOTES.md).
+# -nic none: the guest has no outside network; its test hosts are namespaces.
+timeout --foreground -k 10 "${RDAX_LAB_TIMEOUT:-3600}" qemu-system-x86_64 \
+    -accel tcg,thread=multi -cpu max -smp "${RDAX_LAB_CPUS:-2}" \
+    -machine pc,nvdimm=on -m "${RDAX_LAB_MEM:-3G},slots=2,maxmem=8G" \
+    -object "memory-backend-file,id=m1,share=on,mem-path=$pmem,size=${RDAX_PMEM_SIZE:-2G}" \
+    -device nvdimm,id=nv1,memdev=m1 \
+    -kernel "$kernel/vmlinuz" -initrd "$initramfs" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdax.run=/src/.lab/runs/$run_id" \
+    -virtfs "local,path=$root,mount_tag=rootfs,security_model=none,readonly=on" \
+    -virtfs "local,path=$REPO_DIR,mount_tag=src,security_model=none" \
+    -nic none -nodefaults -display none -serial stdio -no-reboot \
+    < /dev/null || log "qemu exited with status $?"
+
+[[ -f $run_dir/status ]] || die "the lab guest stopped without reporting a status (see output above)"
+exit "$(cat "$run_dir/status")"

@@ -1,0 +1,1 @@
+"""rdax.rdma: the verbs wrapper, the only code in rdax that imports pyverbs."""

@@ -1,0 +1,1 @@
+"""rdax.service: the storage node — seals, grants, revocation and the gRPC servicer."""
