@@ -1,1 +1,15 @@
-"""rdax.rdma: the verbs wrapper, the only code in rdax that imports pyverbs."""
+"""rdax.rdma: the verbs wrapper, the only code in rdax that imports pyverbs.
+
+It knows nothing of gRPC or files: devices, protection domains, memory
+regions (pinned with an ODP fallback) and RC connections with the data verbs.
+"""
+from .connection import Chunk, Connection, EndpointInfo, REM_ACCESS_ERR
+from .device import Device, find_device, list_devices, open_device
+from .errors import ConnectError, DeviceNotFound, RegistrationError, VerbsError, WorkCompletionError
+from .mr import Access, LocalBuffer, MemoryRegion, register
+
+__all__ = [
+    "Access", "Chunk", "ConnectError", "Connection", "Device", "DeviceNotFound", "EndpointInfo",
+    "LocalBuffer", "MemoryRegion", "REM_ACCESS_ERR", "RegistrationError", "VerbsError",
+    "WorkCompletionError", "find_device", "list_devices", "open_device", "register",
+]

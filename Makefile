@@ -1,0 +1,58 @@
+# rdax: `make demo` runs the main job in the lab, `make test` runs everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST_PACKAGES := qemu-system-x86 busybox-static cpio kmod debootstrap xz-utils zstd
+PROTO_OUT := proto/rdax/v1/rdax_pb2.py proto/rdax/v1/rdax_pb2_grpc.py
+# One command in the lab: make lab-shell CMD='rdma link'
+CMD ?= bash -c 'rdma link; ip netns; mount | grep pmem'
+
+.PHONY: all host-deps venv proto lab unit-test lab-test test lab-shell demo bench clean
+
+all: proto
+
+host-deps:
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing host packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.done
+
+$(PROTO_OUT): proto/rdax/v1/rdax.proto $(VENV)/.done
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/rdax/v1/rdax.proto
+
+proto: $(PROTO_OUT)
+
+lab: host-deps
+	lab/build-root.sh >/dev/null
+	lab/build-initramfs.sh >/dev/null
+
+unit-test: proto
+	$(PY) -m pytest tests/unit
+
+lab-test: proto lab
+	mkdir -p results
+	lab/run.sh 'python -m pytest tests/lab --junitxml=results/lab-junit.xml'
+
+test: unit-test lab-test
+
+lab-shell: proto lab
+	lab/run.sh "$(CMD)"
+
+demo: proto lab
+	lab/run.sh 'bash lab/demo.sh'
+
+bench: proto lab
+	mkdir -p results
+	lab/run.sh 'python -m tests.bench.run --out results/bench.json'
+
+clean:
+	rm -rf $(VENV) results .lab $(PROTO_OUT) proto/rdax/v1/*.pyi

@@ -1,0 +1,74 @@
+"""A remote RDMA client for lab tests, run in the client namespace:
+
+    ip netns exec client python tests/lab/peer.py
+
+It reads one JSON command per line on stdin and answers one JSON line on
+stdout, so a test in the storage namespace can drive real remote writes.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+from rdax.rdma import Access, Chunk, Connection, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
+
+
+def pattern(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+class Peer:
+    def __init__(self) -> None:
+        self.dev = self.pd = self.conn = self.buf = None
+
+    def open(self, device: str, buffer: int = 4 << 20, depth: int = 64) -> dict:
+        self.dev = open_device(name=device)
+        self.pd = self.dev.alloc_pd()
+        self.conn = Connection(self.dev, self.pd, depth=depth)
+        self.buf = LocalBuffer(self.pd, buffer)
+        ep = self.conn.endpoint()
+        return {"qpn": ep.qpn, "gid": ep.gid, "psn": ep.psn}
+
+    def connect(self, qpn: int, gid: str, psn: int, mtu: int = 4096) -> dict:
+        self.conn.connect(EndpointInfo(qpn, gid, psn, mtu), mtu=mtu)
+        return {"state": self.conn.state()}
+
+    def write(self, rkey: int, raddr: int, length: int, seed: int, chunk: int = 1 << 20) -> dict:
+        self.buf.write(pattern(seed, length))
+        chunks = [Chunk(self.buf.addr + off, self.buf.lkey, min(chunk, length - off), rkey, raddr + off)
+                  for off in range(0, length, chunk)]
+        return {"bytes": self.conn.write(chunks)}
+
+    def flush(self, rkey: int, raddr: int, length: int) -> dict:
+        self.conn.flush(rkey, raddr, length)
+        return {}
+
+    def atomic_write(self, rkey: int, raddr: int, value: str) -> dict:
+        self.conn.atomic_write(rkey, raddr, bytes.fromhex(value))
+        return {}
+
+    def state(self) -> dict:
+        return {"state": self.conn.state()}
+
+
+def main() -> None:
+    peer = Peer()
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop("op")
+        if op == "quit":
+            break
+        try:
+            reply = {"ok": True, **getattr(peer, op)(**req)}
+        except WorkCompletionError as exc:
+            reply = {"ok": False, "error": str(exc), "status": exc.status}
+        except VerbsError as exc:
+            reply = {"ok": False, "error": str(exc), "status": None}
+        print(json.dumps(reply), flush=True)
+    # Leave QP teardown to process exit: after a remote access error it can
+    # take rxe tens of seconds (LAB-NOTES.md), so nothing waits on it here.
+
+
+if __name__ == "__main__":
+    main()
