@@ -40,7 +40,7 @@ unit-test: proto
 
 lab-test: proto lab
 	mkdir -p results
-	lab/run.sh 'python -m pytest tests/lab --junitxml=results/lab-junit.xml'
+	lab/run.sh 'ip netns exec storage python -m pytest -p no:cacheprovider tests/lab --junitxml=results/lab-junit.xml'
 
 test: unit-test lab-test
 

@@ -1,1 +1,6 @@
-"""rdax.client: the client library and the `rdax` command line."""
+"""rdax.client: the client library (connect -> Session -> RemoteFile) and the `rdax` CLI."""
+from .errors import GrantRevoked, RdaxClientError, RemoteError
+from .session import Grant, RemoteFile, Session, connect, local_device
+
+__all__ = ["Grant", "GrantRevoked", "RdaxClientError", "RemoteError", "RemoteFile", "Session",
+           "connect", "local_device"]

@@ -1,0 +1,23 @@
+"""Errors of the rdax client library.
+
+    RdaxClientError
+    ├── GrantRevoked      the node revoked the grant (seal broken, unseal, shutdown, expiry)
+    └── RemoteError       an RPC failed: .code is the grpc.StatusCode, .details the node's message
+"""
+from __future__ import annotations
+
+
+class RdaxClientError(Exception):
+    pass
+
+
+class GrantRevoked(RdaxClientError):
+    def __init__(self, grant_id: str, reason: str, epoch: int) -> None:
+        self.grant_id, self.reason, self.epoch = grant_id, reason, epoch
+        super().__init__(f"grant {grant_id} was revoked ({reason}); the seal is at epoch {epoch}: re-seal and re-grant")
+
+
+class RemoteError(RdaxClientError):
+    def __init__(self, rpc: str, code, details: str) -> None:
+        self.rpc, self.code, self.details = rpc, code, details
+        super().__init__(f"{rpc}: {code.name}: {details}")

@@ -1,0 +1,280 @@
+"""Client library: connect to an rdax node, seal a remote file, and write,
+read, flush and commit it over RDMA through a grant.
+
+    with rdax.client.connect("10.77.0.1:7710") as session:
+        with session.open("data/blob", length=1 << 30) as f:
+            f.write(0, payload)
+            f.flush(0, len(payload))
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+import grpc
+
+from rdax.rdma import Access, Chunk, Connection, EndpointInfo, LocalBuffer, list_devices, open_device
+from rdax.rdma.device import _netdevs  # noqa: PLC2701 - device discovery helper
+from rdax.v1 import rdax_pb2 as pb
+from rdax.v1 import rdax_pb2_grpc as pb_grpc
+
+from .errors import GrantRevoked, RemoteError
+
+MiB = 1 << 20
+PAGE = 4096
+ALL_ACCESS = Access.WRITE | Access.READ | Access.ATOMIC | Access.FLUSH
+
+
+def local_device() -> str:
+    """The RDMA device whose netdev lives in this process's network namespace."""
+    mine = []
+    for name in list_devices():
+        for ndev in _netdevs(name):
+            try:
+                socket.if_nametoindex(ndev)
+                mine.append(name)
+            except OSError:
+                continue
+    if len(set(mine)) != 1:
+        raise RuntimeError(f"cannot choose an RDMA device: {sorted(set(mine)) or 'none'} in this namespace "
+                           f"(all: {list_devices()}); pass device=")
+    return mine[0]
+
+
+def _call(rpc: str, fn, request):
+    try:
+        return fn(request)
+    except grpc.RpcError as exc:
+        raise RemoteError(rpc, exc.code(), exc.details()) from None
+
+
+@dataclass
+class Grant:
+    grant_id: str
+    seal_id: str
+    remote_addr: int
+    rkey: int
+    offset: int
+    length: int
+    access: int
+    epoch: int
+
+    @classmethod
+    def from_pb(cls, g: pb.GrantDescriptor) -> "Grant":
+        return cls(g.grant_id, g.seal_id, g.remote_addr, g.rkey, g.offset, g.length, g.access, g.epoch)
+
+
+class Session:
+    """One session with a node: a gRPC channel, one RC connection, a staging
+    buffer, a heartbeat and a Watch stream that records revocations."""
+
+    def __init__(self, target: str, device: str | None = None, client_id: str | None = None,
+                 staging: int = 16 * MiB, chunk: int = MiB, depth: int = 64) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.RdaxStub(self.channel)
+        self.chunk = chunk
+        self.dev = open_device(name=device or local_device())
+        self.pd = self.dev.alloc_pd()
+        self.conn = Connection(self.dev, self.pd, depth=depth)
+        self.staging = LocalBuffer(self.pd, staging)
+        self.revoked: dict[str, GrantRevoked] = {}
+        self.on_revoke: list[Callable[[pb.Event], None]] = []
+        self._closed = threading.Event()
+        ep = self.conn.endpoint()
+        reply = _call("OpenSession", self.stub.OpenSession, pb.OpenSessionRequest(
+            client_id=client_id or f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}",
+            endpoint=pb.Endpoint(qpn=ep.qpn, gid=ep.gid, psn=ep.psn, mtu=ep.mtu)))
+        self.session_id = reply.session_id
+        self.lease_seconds = reply.lease_seconds or 30
+        node = reply.endpoint
+        self.conn.connect(EndpointInfo(node.qpn, node.gid, node.psn, node.mtu))
+        self._watcher = threading.Thread(target=self._watch, name="rdax-watch", daemon=True)
+        self._watcher.start()
+        self._heart = threading.Thread(target=self._heartbeat, name="rdax-heartbeat", daemon=True)
+        self._heart.start()
+
+    # -- background ----------------------------------------------------------
+    def _watch(self) -> None:
+        try:
+            for event in self.stub.Watch(pb.WatchRequest(session_id=self.session_id)):
+                for gid in event.grant_ids:
+                    self.revoked[gid] = GrantRevoked(gid, event.reason, event.epoch)
+                for callback in self.on_revoke:
+                    callback(event)
+        except grpc.RpcError:
+            pass  # the stream ends with the session or the channel
+
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(max(1.0, self.lease_seconds / 3)):
+            try:
+                self.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id), timeout=10)
+            except grpc.RpcError:
+                pass
+
+    # -- control plane -------------------------------------------------------
+    def seal(self, path: str, length: int, create: bool = True) -> pb.SealInfo:
+        return _call("Seal", self.stub.Seal, pb.SealRequest(
+            session_id=self.session_id, path=path, length=length, create=create)).seal
+
+    def grant(self, seal_id: str, offset: int, length: int, access: Access = ALL_ACCESS) -> Grant:
+        reply = _call("Grant", self.stub.Grant, pb.GrantRequest(
+            session_id=self.session_id, seal_id=seal_id, offset=offset, length=length, access=int(access)))
+        return Grant.from_pb(reply.grant)
+
+    def release(self, grant_id: str) -> None:
+        _call("Release", self.stub.Release, pb.ReleaseRequest(session_id=self.session_id, grant_id=grant_id))
+
+    def unseal(self, seal_id: str) -> None:
+        _call("Unseal", self.stub.Unseal, pb.UnsealRequest(session_id=self.session_id, seal_id=seal_id))
+
+    def stat(self, seal_id: str) -> pb.SealInfo:
+        return _call("Stat", self.stub.Stat, pb.StatRequest(session_id=self.session_id, seal_id=seal_id))
+
+    def list(self) -> list[pb.SealInfo]:
+        return list(_call("List", self.stub.List, pb.ListRequest(session_id=self.session_id)).seals)
+
+    def open(self, path: str, length: int, create: bool = True, access: Access = ALL_ACCESS) -> "RemoteFile":
+        """Seal `path` (length bytes) and grant this session `access` to all of it."""
+        info = self.seal(path, length, create)
+        try:
+            grant = self.grant(info.seal_id, 0, length, access)
+        except Exception:
+            self.unseal(info.seal_id)
+            raise
+        return RemoteFile(self, info, grant)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self.stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=10)
+        except grpc.RpcError:
+            pass
+        self.channel.close()
+        self.staging.close()
+        self.conn.close()
+        self.pd.close()
+        self.dev.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteFile:
+    """A sealed remote file and this session's grant over it."""
+
+    def __init__(self, session: Session, info: pb.SealInfo, grant: Grant) -> None:
+        self.session = session
+        self.info = info
+        self.grant = grant
+        self.length = grant.length
+
+    def _check(self, offset: int, length: int) -> None:
+        revoked = self.session.revoked.get(self.grant.grant_id)
+        if revoked:
+            raise revoked
+        if offset < 0 or length < 0 or offset + length > self.grant.offset + self.grant.length \
+                or offset < self.grant.offset:
+            raise ValueError(f"[{offset}, {offset + length}) is outside the grant "
+                             f"[{self.grant.offset}, {self.grant.offset + self.grant.length})")
+
+    def _remote(self, offset: int) -> int:
+        return self.grant.remote_addr + (offset - self.grant.offset)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """RDMA WRITE `data` at `offset`, pipelined through the staging buffer."""
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view))
+        s = self.session
+        done = 0
+        while done < len(view):
+            n = min(s.staging.length, len(view) - done)
+            s.staging.view()[:n] = view[done:done + n]
+            self._post_staged(offset + done, n)
+            done += n
+        return done
+
+    def _post_staged(self, offset: int, n: int) -> None:
+        s = self.session
+        chunks = [Chunk(s.staging.addr + o, s.staging.lkey, min(s.chunk, n - o), self.grant.rkey,
+                        self._remote(offset + o)) for o in range(0, n, s.chunk)]
+        s.conn.write(chunks)
+
+    def write_from(self, src: BinaryIO, offset: int = 0, length: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """Stream `length` bytes (or to EOF) from a binary file object."""
+        s = self.session
+        view = s.staging.view()
+        done = 0
+        while length is None or done < length:
+            want = s.staging.length if length is None else min(s.staging.length, length - done)
+            n = src.readinto(view[:want])
+            if not n:
+                break
+            self._check(offset + done, n)
+            self._post_staged(offset + done, n)
+            done += n
+            if progress:
+                progress(n)
+        return done
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        s = self.session
+        out = bytearray()
+        while len(out) < length:
+            n = min(s.staging.length, length - len(out))
+            pos = offset + len(out)
+            chunks = [Chunk(s.staging.addr + o, s.staging.lkey, min(s.chunk, n - o), self.grant.rkey,
+                            self._remote(pos + o)) for o in range(0, n, s.chunk)]
+            s.conn.read(chunks)
+            out += s.staging.read(n)
+        return bytes(out)
+
+    def flush(self, offset: int = 0, length: int | None = None) -> None:
+        """FLUSH(persistent) the range: when this returns the bytes are durable."""
+        length = self.length - offset if length is None else length
+        self._check(offset, length)
+        self.session.conn.flush(self.grant.rkey, self._remote(offset), length)
+
+    def atomic_write(self, offset: int, value: bytes) -> None:
+        self._check(offset, 8)
+        self.session.conn.atomic_write(self.grant.rkey, self._remote(offset), value)
+
+    def commit(self, ranges: list[tuple[int, int]] | None = None) -> int:
+        """Ask the node to persist ranges (for clients that cannot FLUSH)."""
+        ranges = ranges or [(self.grant.offset, self.grant.length)]
+        reply = _call("Commit", self.session.stub.Commit, pb.CommitRequest(
+            session_id=self.session.session_id, seal_id=self.info.seal_id,
+            ranges=[pb.Range(offset=o, length=n) for o, n in ranges]))
+        return reply.bytes
+
+    def close(self) -> None:
+        """Release the grant and drop this session's hold on the seal."""
+        for rpc in (lambda: self.session.release(self.grant.grant_id),
+                    lambda: self.session.unseal(self.info.seal_id)):
+            try:
+                rpc()
+            except RemoteError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+    def __enter__(self) -> "RemoteFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(target: str, device: str | None = None, **kwargs) -> Session:
+    return Session(target, device=device, **kwargs)
