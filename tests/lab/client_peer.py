@@ -1,0 +1,83 @@
+"""An rdax client for lab tests, run in the client namespace: one JSON
+command per line on stdin, one JSON answer per line on stdout.
+
+    ip netns exec client python tests/lab/client_peer.py TARGET
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+from rdax.client import RdaxClientError, RemoteError, connect
+from rdax.rdma import Access, Chunk, VerbsError, WorkCompletionError
+
+
+def pattern(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+class ClientPeer:
+    def __init__(self, target: str) -> None:
+        self.session = connect(target)
+        self.files: dict[str, object] = {}
+
+    def open(self, name: str, path: str, length: int, access: int = 15, offset: int = 0,
+             grant_length: int | None = None) -> dict:
+        """Seal `path` and take a grant over [offset, offset+grant_length)."""
+        info = self.session.seal(path, length)
+        grant = self.session.grant(info.seal_id, offset, grant_length or length - offset, Access(access))
+        from rdax.client.session import RemoteFile
+        self.files[name] = RemoteFile(self.session, info, grant)
+        return {"seal_id": info.seal_id, "grant_id": grant.grant_id, "rkey": grant.rkey,
+                "remote_addr": grant.remote_addr, "epoch": grant.epoch}
+
+    def write(self, name: str, offset: int, length: int, seed: int) -> dict:
+        return {"bytes": self.files[name].write(offset, pattern(seed, length))}
+
+    def flush(self, name: str, offset: int, length: int) -> dict:
+        self.files[name].flush(offset, length)
+        return {}
+
+    def commit(self, name: str, offset: int, length: int) -> dict:
+        return {"bytes": self.files[name].commit([(offset, length)])}
+
+    def read_equals(self, name: str, offset: int, length: int, seed: int) -> dict:
+        return {"equal": self.files[name].read(offset, length) == pattern(seed, length)}
+
+    def raw_write(self, rkey: int, remote_addr: int, length: int, seed: int) -> dict:
+        """RDMA WRITE with any rkey/address, bypassing the library's checks."""
+        s = self.session
+        s.staging.write(pattern(seed, length))
+        s.conn.write([Chunk(s.staging.addr, s.staging.lkey, length, rkey, remote_addr)])
+        return {"bytes": length}
+
+    def state(self) -> dict:
+        return {"state": self.session.conn.state()}
+
+    def close_file(self, name: str) -> dict:
+        self.files.pop(name).close()
+        return {}
+
+
+def main() -> None:
+    peer = ClientPeer(sys.argv[1])
+    print(json.dumps({"ok": True, "session_id": peer.session.session_id}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop("op")
+        if op == "quit":
+            break
+        try:
+            reply = {"ok": True, **getattr(peer, op)(**req)}
+        except WorkCompletionError as exc:
+            reply = {"ok": False, "error": str(exc), "status": exc.status}
+        except RemoteError as exc:
+            reply = {"ok": False, "error": str(exc), "code": exc.code.name}
+        except (RdaxClientError, VerbsError, ValueError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
