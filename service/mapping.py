@@ -13,6 +13,7 @@ import os
 
 MAP_SHARED_VALIDATE = 0x03
 MAP_SYNC = 0x80000
+MS_SYNC = 4   # <sys/mman.h>; Python's mmap module does not export it
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -56,7 +57,7 @@ class DaxMapping:
         """msync(MS_SYNC): make CPU stores to [offset, offset+length) durable."""
         length = self.length - offset if length is None else length
         page = offset & ~(mmap.PAGESIZE - 1)
-        if _libc.msync(self.addr + page, length + (offset - page), mmap.MS_SYNC) != 0:
+        if _libc.msync(self.addr + page, length + (offset - page), MS_SYNC) != 0:
             err = ctypes.get_errno()
             raise MappingError(err, f"msync(len={length}): {os.strerror(err)}")
 

@@ -1,0 +1,147 @@
+"""Seals: a file beneath the export root made stable (prepared, leased, mapped) and shared by the sessions that hold it."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError
+from .grants import PAGE_SIZE, Grant
+from .lease import FileLease, lease_state
+from .mapping import DaxMapping, MappingError
+from .paths import resolve_beneath, split_relpath
+from .prepare import PreparedFile, prepare_file
+
+SEALED = "SEALED"
+REVOKED = "REVOKED"
+
+
+def canonical_path(relpath: str) -> str:
+    """The key a seal is known by: `relpath` without '.' and empty components (checked lexically)."""
+    return "/".join(split_relpath(relpath))
+
+
+def check_seal_length(length: int) -> None:
+    """Checked before any file is opened; prepare_file checks the same again."""
+    if length <= 0:
+        raise InvalidArgument(f"length {length} must be positive: it is the number of bytes to seal from offset 0")
+    if length % PAGE_SIZE:
+        rounded = -(-length // PAGE_SIZE) * PAGE_SIZE
+        raise InvalidArgument(
+            f"length {length} is not a multiple of {PAGE_SIZE}: a seal is mapped in whole pages, ask for {rounded}")
+
+
+def check_commit_range(offset: int, length: int, seal_length: int) -> None:
+    if length <= 0:
+        raise InvalidArgument(f"range at offset {offset} has length {length}: a range to commit must not be empty")
+    if offset + length > seal_length:
+        raise OutOfRange(f"range [{offset}, {offset + length}) ends past the seal's length {seal_length}")
+
+
+@dataclass(eq=False)
+class SealedFile:
+    """The kernel resources behind a seal: our only descriptor of the file, its write lease, its shared mapping."""
+
+    fd: int
+    lease: FileLease
+    mapping: DaxMapping
+    prepared: PreparedFile
+
+    def lease_intact(self) -> bool:
+        """False once someone else opened or truncated the file (a break downgrades the lease) or the lease is gone."""
+        try:
+            return lease_state(self.fd) == fcntl.F_WRLCK
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """munmap, release the lease, close the descriptor — each step runs even if one before it failed."""
+        with contextlib.ExitStack() as steps:  # callbacks run last-in first-out
+            steps.callback(os.close, self.fd)
+            steps.callback(self.lease.release)
+            steps.callback(self.mapping.close)
+
+
+def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, map_sync: bool) -> SealedFile:
+    """Open `relpath` beneath the root, lease it, make [0, length) stable and map it; on failure nothing is left behind."""
+    resolved = resolve_beneath(root_fd, relpath, create=create)
+    with contextlib.ExitStack() as undo:
+        undo.callback(os.close, resolved.fd)
+        # Lease before preparing: nobody else may write while zero-filled ranges are chosen and written.
+        lease = FileLease(resolved.fd)
+        undo.callback(lease.release)
+        prepared = prepare_file(resolved.fd, length)
+        mapping = _map(resolved.fd, length, relpath, map_sync)
+        undo.pop_all()
+    return SealedFile(resolved.fd, lease, mapping, prepared)
+
+
+def _map(fd: int, length: int, relpath: str, map_sync: bool) -> DaxMapping:
+    try:
+        return DaxMapping(fd, length, sync=map_sync)
+    except MappingError as exc:
+        if exc.errno in (95, 22) and map_sync:  # EOPNOTSUPP, EINVAL: MAP_SYNC refused
+            raise FailedPrecondition(
+                f"{relpath!r} cannot be mapped MAP_SYNC: it is not on a DAX filesystem; "
+                f"export a directory on a filesystem mounted with -o dax=always") from exc
+        raise RdaxError(f"mapping {relpath!r} failed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SealInfo:
+    """A seal as Stat and List describe it (rdax.v1.SealInfo)."""
+
+    seal_id: str
+    path: str
+    length: int
+    epoch: int
+    extent_count: int
+    fingerprint: str
+    grant_ids: tuple[str, ...]
+    owner_session: str
+    holder_sessions: tuple[str, ...]
+    state: str
+    revoked_reason: str
+
+
+@dataclass(eq=False)
+class Seal:
+    """A sealed file as the node tracks it: who holds it, what is granted on it, its epoch.
+
+    `file` is None once the seal is revoked: its grants are deregistered and
+    its file let go, but the record stays until every holder unseals it.
+    """
+
+    id: str
+    path: str
+    length: int
+    file: SealedFile | None
+    extent_count: int
+    fingerprint: str
+    epoch: int = 1
+    state: str = SEALED
+    accepting_grants: bool = True
+    revoked_reason: str = ""
+    holders: dict[str, None] = field(default_factory=dict)   # session ids, in the order they sealed
+    grants: dict[str, Grant] = field(default_factory=dict)
+
+    @property
+    def mapping(self) -> DaxMapping:
+        if self.file is None:
+            raise FailedPrecondition(self.revoked_message())
+        return self.file.mapping
+
+    def revoked_message(self) -> str:
+        return (f"seal {self.id} of {self.path!r} was revoked at epoch {self.epoch} ({self.revoked_reason}): "
+                f"seal the path again for a new seal")
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            sealed_file, self.file = self.file, None
+            sealed_file.close()
+
+    def info(self) -> SealInfo:
+        holders = tuple(self.holders)
+        return SealInfo(self.id, self.path, self.length, self.epoch, self.extent_count, self.fingerprint,
+                        tuple(self.grants), holders[0] if holders else "", holders, self.state, self.revoked_reason)

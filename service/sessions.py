@@ -1,0 +1,183 @@
+"""Sessions: a client's channel (PD + QP), its lease, its grants and held seals, its event stream, and channel teardown."""
+from __future__ import annotations
+
+import collections
+import enum
+import ipaddress
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .errors import FailedPrecondition, InvalidArgument
+from .fabric_api import REQUIRED_MTU, Channel, Endpoint
+from .grants import Grant
+
+log = logging.getLogger("rdax.service")
+
+MAX_CLIENT_ID = 256
+_END = object()  # what a watcher's inbox receives when the session is over
+
+
+def check_client(client_id: str, endpoint: Endpoint | None) -> None:
+    if len(client_id) > MAX_CLIENT_ID:
+        raise InvalidArgument(f"client_id is {len(client_id)} characters long: keep it to {MAX_CLIENT_ID}")
+    if endpoint is None:
+        raise InvalidArgument("endpoint is missing: send the client QP's qpn, gid, psn and mtu")
+    if not 0 < endpoint.qpn < 1 << 24:
+        raise InvalidArgument(f"endpoint.qpn {endpoint.qpn} is not a QP number (1 .. 2^24-1)")
+    if not 0 <= endpoint.psn < 1 << 24:
+        raise InvalidArgument(f"endpoint.psn {endpoint.psn} does not fit in 24 bits")
+    try:
+        ipaddress.IPv6Address(endpoint.gid)
+    except ValueError:
+        raise InvalidArgument(
+            f"endpoint.gid {endpoint.gid!r} is not a GID in IPv6 notation "
+            f"(RoCE v2 over IPv4 uses the IPv4-mapped form, e.g. ::ffff:10.77.0.2)") from None
+    if endpoint.mtu != REQUIRED_MTU:
+        raise FailedPrecondition(
+            f"endpoint.mtu is {endpoint.mtu}, but rdax needs path MTU {REQUIRED_MTU}: rxe silently loses data "
+            f"written through ODP memory regions below it (only the first MTU bytes of each 4 KiB page land while "
+            f"the write reports success); give the client's netdev an MTU that allows RoCE MTU 4096 (e.g. 9000) "
+            f"and connect with mtu=4096")
+
+
+class EventKind(enum.IntEnum):
+    """The values of rdax.v1.Event.Kind."""
+
+    REVOKED = 1
+    SESSION_EXPIRED = 2
+    SHUTDOWN = 3
+
+
+@dataclass(frozen=True)
+class Event:
+    """A recall: these grants are gone because of `reason`; the seal is at `epoch` now (rdax.v1.Event)."""
+
+    kind: EventKind
+    seal_id: str
+    grant_ids: tuple[str, ...]
+    reason: str
+    epoch: int
+    unix_ms: int
+
+
+class EventStream:
+    """One session's events, fanned out to its Watch streams and kept in a backlog while nobody watches."""
+
+    BACKLOG = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inboxes: list[queue.SimpleQueue[object]] = []
+        self._backlog: collections.deque[Event] = collections.deque(maxlen=self.BACKLOG)
+        self._ended = False
+
+    def publish(self, event: Event) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            if not self._inboxes:
+                # Nobody is watching: keep it, or a client that reconnects its Watch misses its recall.
+                self._backlog.append(event)
+            for inbox in self._inboxes:
+                inbox.put(event)
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            for inbox in self._inboxes:
+                inbox.put(_END)
+
+    def follow(self, keep_going: Callable[[], bool], poll_seconds: float) -> Iterator[Event]:
+        """Subscribe now; the iterator yields events until the session ends or keep_going() turns False."""
+        inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        with self._lock:
+            while self._backlog:
+                inbox.put(self._backlog.popleft())
+            if self._ended:
+                inbox.put(_END)
+            self._inboxes.append(inbox)
+        return self._drain(inbox, keep_going, poll_seconds)
+
+    def _drain(self, inbox: queue.SimpleQueue[object], keep_going: Callable[[], bool],
+               poll_seconds: float) -> Iterator[Event]:
+        try:
+            while keep_going():
+                try:
+                    item = inbox.get(timeout=poll_seconds)
+                except queue.Empty:
+                    continue  # look at keep_going() again: the client may have gone
+                if item is _END:
+                    return
+                assert isinstance(item, Event)
+                yield item
+        finally:
+            with self._lock:
+                self._inboxes.remove(inbox)
+
+
+@dataclass(eq=False)
+class Session:
+    """A client's connection to the node: valid while renewed within the lease."""
+
+    id: str
+    client_id: str
+    channel: Channel
+    expires_at: float                    # on the node's monotonic clock
+    grants: dict[str, Grant] = field(default_factory=dict)
+    seal_ids: dict[str, None] = field(default_factory=dict)   # seals held, in the order sealed
+    events: EventStream = field(default_factory=EventStream)
+
+
+class ChannelCloser:
+    """Destroys channels (QP, CQ, PD) on a thread of its own.
+
+    rxe can take ~50 s to destroy a QP whose peer hit access errors
+    (LAB-NOTES.md): no request, reaper pass or revocation may wait for that.
+    """
+
+    SLOW_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Channel, str] | threading.Event | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="rdax-channel-closer", daemon=True)
+        self._thread.start()
+
+    def close_later(self, channel: Channel, label: str) -> None:
+        self._queue.put((channel, label))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every channel queued so far is destroyed; False on timeout."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def stop(self, timeout: float) -> bool:
+        """Destroy what is queued, then end the thread; False if that took longer than `timeout`."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            self._close(*item)
+
+    def _close(self, channel: Channel, label: str) -> None:
+        started = time.monotonic()
+        try:
+            channel.close()
+        except Exception:
+            log.exception("destroying the QP and PD of %s failed", label)
+            return
+        took = time.monotonic() - started
+        if took > self.SLOW_SECONDS:
+            log.warning("destroying the QP and PD of %s took %.1f s", label, took)
