@@ -7,7 +7,7 @@ set -a; source /run/rdax-lab.env; set +a
 MB=${DEMO_MB:-256}
 PORT=7710
 export_root=$RDAX_DAX_MOUNT/export
-mkdir -p "$export_root"
+mkdir -p "$export_root/demo"  # the operator makes directories; rdax never creates them
 src=/tmp/demo-source
 head -c "${MB}M" /dev/urandom > "$src"
 size=$(stat -c %s "$src")

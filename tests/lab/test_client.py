@@ -125,12 +125,12 @@ def test_put_256mib_sha256_matches_on_storage_side(lab, server, tmp_path):
     src = tmp_path / "source"
     src.write_bytes(os.urandom(256 * MiB))
     run = subprocess.run(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, "-m", "rdax.client.cli",
-                          "--target", server.target, "put", "-q", str(src), "big/blob"],
+                          "--target", server.target, "put", "-q", str(src), "big-blob"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     want = hashlib.sha256(src.read_bytes()).hexdigest()
     assert want in run.stdout
-    got = hashlib.sha256((server.root / "big" / "blob").read_bytes()[: 256 * MiB]).hexdigest()
+    got = hashlib.sha256((server.root / "big-blob").read_bytes()[: 256 * MiB]).hexdigest()
     assert got == want
 
 
