@@ -199,24 +199,22 @@ class Connection:
         args = {"rkey": rkey, "remote_addr": raddr}
         self._post("ATOMIC_WRITE", args, lambda qp: qp.wr_atomic_write(rkey, raddr, value), signal=True)
 
-    def write(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
-        """RDMA WRITE every chunk, pipelined; returns bytes written once all completed."""
-        total = 0
+    def _transfer(self, verb: str, post, chunks: Iterable[Chunk], timeout: float) -> int:
+        """Post every chunk (only the last signalled), then wait for all."""
         chunks = list(chunks)
         for i, c in enumerate(chunks):
-            self.post_write(c, last=(i == len(chunks) - 1))
-            total += c.length
-        self.wait("RDMA_WRITE", {"chunks": len(chunks), "bytes": total}, timeout)
+            post(c, last=(i == len(chunks) - 1))
+        total = sum(c.length for c in chunks)
+        self.wait(verb, {"chunks": len(chunks), "bytes": total}, timeout)
         return total
 
+    def write(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
+        """RDMA WRITE every chunk, pipelined; returns bytes written once all completed."""
+        return self._transfer("RDMA_WRITE", self.post_write, chunks, timeout)
+
     def read(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
-        total = 0
-        chunks = list(chunks)
-        for i, c in enumerate(chunks):
-            self.post_read(c, last=(i == len(chunks) - 1))
-            total += c.length
-        self.wait("RDMA_READ", {"chunks": len(chunks), "bytes": total}, timeout)
-        return total
+        """RDMA READ every chunk, pipelined; returns bytes read once all completed."""
+        return self._transfer("RDMA_READ", self.post_read, chunks, timeout)
 
     def flush(self, rkey: int, raddr: int, length: int, timeout: float = 30.0) -> None:
         self.post_flush(rkey, raddr, length)

@@ -9,8 +9,10 @@ import json
 import random
 import sys
 
-from rdax.client import RdaxClientError, RemoteError, connect
+from rdax.client import RdaxClientError, RemoteError, RemoteFile, connect
 from rdax.rdma import Access, Chunk, VerbsError, WorkCompletionError
+
+from jsonline import serve
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -27,7 +29,6 @@ class ClientPeer:
         """Seal `path` and take a grant over [offset, offset+grant_length)."""
         info = self.session.seal(path, length)
         grant = self.session.grant(info.seal_id, offset, grant_length or length - offset, Access(access))
-        from rdax.client.session import RemoteFile
         self.files[name] = RemoteFile(self.session, info, grant)
         return {"seal_id": info.seal_id, "grant_id": grant.grant_id, "rkey": grant.rkey,
                 "remote_addr": grant.remote_addr, "epoch": grant.epoch}
@@ -60,23 +61,20 @@ class ClientPeer:
         return {}
 
 
+def _error(exc: Exception) -> dict | None:
+    if isinstance(exc, WorkCompletionError):
+        return {"status": exc.status}
+    if isinstance(exc, RemoteError):
+        return {"code": exc.code.name}
+    if isinstance(exc, (RdaxClientError, VerbsError, ValueError)):
+        return {}
+    return None
+
+
 def main() -> None:
     peer = ClientPeer(sys.argv[1])
     print(json.dumps({"ok": True, "session_id": peer.session.session_id}), flush=True)
-    for line in sys.stdin:
-        req = json.loads(line)
-        op = req.pop("op")
-        if op == "quit":
-            break
-        try:
-            reply = {"ok": True, **getattr(peer, op)(**req)}
-        except WorkCompletionError as exc:
-            reply = {"ok": False, "error": str(exc), "status": exc.status}
-        except RemoteError as exc:
-            reply = {"ok": False, "error": str(exc), "code": exc.code.name}
-        except (RdaxClientError, VerbsError, ValueError) as exc:
-            reply = {"ok": False, "error": str(exc)}
-        print(json.dumps(reply), flush=True)
+    serve(peer, _error)
 
 
 if __name__ == "__main__":

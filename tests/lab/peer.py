@@ -7,11 +7,11 @@ stdout, so a test in the storage namespace can drive real remote writes.
 """
 from __future__ import annotations
 
-import json
 import random
-import sys
 
-from rdax.rdma import Access, Chunk, Connection, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
+from rdax.rdma import Chunk, Connection, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
+
+from jsonline import serve
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -52,20 +52,16 @@ class Peer:
         return {"state": self.conn.state()}
 
 
+def _error(exc: Exception) -> dict | None:
+    if isinstance(exc, WorkCompletionError):
+        return {"status": exc.status}
+    if isinstance(exc, VerbsError):
+        return {"status": None}
+    return None
+
+
 def main() -> None:
-    peer = Peer()
-    for line in sys.stdin:
-        req = json.loads(line)
-        op = req.pop("op")
-        if op == "quit":
-            break
-        try:
-            reply = {"ok": True, **getattr(peer, op)(**req)}
-        except WorkCompletionError as exc:
-            reply = {"ok": False, "error": str(exc), "status": exc.status}
-        except VerbsError as exc:
-            reply = {"ok": False, "error": str(exc), "status": None}
-        print(json.dumps(reply), flush=True)
+    serve(Peer(), _error)
     # Leave QP teardown to process exit: after a remote access error it can
     # take rxe tens of seconds (LAB-NOTES.md), so nothing waits on it here.
 
