@@ -14,6 +14,9 @@ import uuid
 from typing import Callable, Iterator, Sequence
 
 from . import revocation
+from .fanotify import SealWatcher, describe
+from .fiemap import check_stable, summary
+from .prepare import block_map
 from .errors import FailedPrecondition, NotFound, PermissionDenied, RdaxError, ResourceExhausted, Unavailable
 from .fabric_api import Endpoint, Fabric, Region
 from .grants import Grant, GrantDescriptor, access_label, check_access, check_range
@@ -44,7 +47,8 @@ class Node:
 
     def __init__(self, export_root: str | os.PathLike[str], fabric: Fabric, *, lease_seconds: int = 30,
                  grant_ttl_seconds: float | None = None, max_grants_per_session: int = 1024,
-                 map_sync: bool = True, clock: Callable[[], float] = time.monotonic,
+                 map_sync: bool = True, watch_seals: bool = True, audit_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds}")
@@ -68,6 +72,11 @@ class Node:
         self._closer = ChannelCloser()
         self._lease_watcher = revocation.LeaseBreakWatcher(self.check_leases)
         self._lease_watcher.start()
+        # Leases miss rename, link, unlink and chmod (no open): fanotify sees them.
+        self._seal_by_key: dict[bytes, Seal] = {}
+        self._seal_watcher = SealWatcher(self._on_seal_event) if watch_seals else None
+        self.audit_seconds = audit_seconds
+        self._next_audit = clock() + audit_seconds
         self._reaper = threading.Thread(target=self._reap_forever, name="rdax-reaper", daemon=True)
         self._reaper.start()
 
@@ -126,6 +135,13 @@ class Node:
                     raise
                 prepared = sealed_file.prepared
                 seal = Seal(_new_id("seal"), relpath, length, sealed_file, prepared.extent_count, prepared.fingerprint)
+                if self._seal_watcher is not None:
+                    try:
+                        seal.watch_key = self._seal_watcher.watch(sealed_file.fd)
+                    except OSError as exc:
+                        sealed_file.close()
+                        raise RdaxError(f"cannot watch {relpath!r} for seal breaks: {exc}") from exc
+                    self._seal_by_key[seal.watch_key] = seal
                 self._seals[seal.id] = seal
                 self._live_seal_by_path[relpath] = seal
                 self._add_holder(seal, session)
@@ -220,6 +236,35 @@ class Node:
                 self._revoke(seal, LEASE_BREAK_REASON, EventKind.REVOKED)
             return [seal.id for seal in broken]
 
+    def _on_seal_event(self, key: bytes, mask: int, pid: int) -> None:
+        """fanotify saw another process touch a sealed file (or lost events: key b'')."""
+        if not key:
+            self.audit()
+            return
+        with self._lock:
+            seal = self._seal_by_key.get(key)
+            if seal is not None:
+                self._revoke(seal, f"seal broken: file {describe(mask)} by pid {pid}", EventKind.REVOKED)
+
+    def audit(self) -> list[str]:
+        """Re-read every live seal's block map (FIEMAP); revoke those that moved or stopped being stable."""
+        with self._lock:
+            moved = []
+            for seal in list(self._live_seal_by_path.values()):
+                if seal.file is None:
+                    continue
+                try:
+                    extents = block_map(seal.file.fd, seal.length)
+                    check_stable(extents, seal.length)
+                    changed = summary(extents)[1] != seal.fingerprint
+                    why = "extents changed (FIEMAP audit)" if changed else ""
+                except (OSError, RdaxError) as exc:
+                    why = f"block map no longer stable (FIEMAP audit): {exc}"
+                if why:
+                    self._revoke(seal, why, EventKind.REVOKED)
+                    moved.append(seal.id)
+            return moved
+
     def reap(self) -> None:
         """End sessions not renewed within the lease and revoke grants past their time to live."""
         now = self._clock()
@@ -250,6 +295,8 @@ class Node:
         self._stop.set()
         self._reaper.join()
         self._lease_watcher.stop()
+        if self._seal_watcher is not None:
+            self._seal_watcher.close()
         revocation.remove_sigio_guard()
         done = self._closer.stop(teardown_timeout)
         if not done:
@@ -331,6 +378,9 @@ class Node:
     def _revoke(self, seal: Seal, reason: str, kind: EventKind, *, notify: bool = True) -> None:
         if seal.state != SEALED:
             return
+        if self._seal_watcher is not None and seal.file is not None:
+            self._seal_watcher.unwatch(seal.file.fd)
+        self._seal_by_key.pop(seal.watch_key, None)
         revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify)
         if self._live_seal_by_path.get(seal.path) is seal:
             del self._live_seal_by_path[seal.path]
@@ -366,6 +416,9 @@ class Node:
         while not self._stop.wait(interval):
             try:
                 self.reap()
+                if self._clock() >= self._next_audit:
+                    self._next_audit = self._clock() + self.audit_seconds
+                    self.audit()
             except Exception:
                 log.exception("reaping expired sessions and grants failed")
 

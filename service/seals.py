@@ -123,6 +123,7 @@ class Seal:
     state: str = SEALED
     accepting_grants: bool = True
     revoked_reason: str = ""
+    watch_key: bytes = b""   # the file's handle as fanotify reports it (fanotify.py)
     holders: dict[str, None] = field(default_factory=dict)   # session ids, in the order they sealed
     grants: dict[str, Grant] = field(default_factory=dict)
 
