@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 
-from rdax.client import RdaxClientError, RemoteError, RemoteFile, connect
+from rdax.client import GrantRevoked, RdaxClientError, RemoteError, RemoteFile, connect
 from rdax.rdma import Access, Chunk, VerbsError, WorkCompletionError
 
 from jsonline import serve
@@ -52,6 +53,30 @@ class ClientPeer:
         s.staging.write(pattern(seed, length))
         s.conn.write([Chunk(s.staging.addr, s.staging.lkey, length, rkey, remote_addr)])
         return {"bytes": length}
+
+    def stream(self, name: str, chunk: int = 65536, seconds: float = 60.0) -> dict:
+        """RDMA WRITE chunk after chunk (write i carries byte i % 251 + 1) until
+        something fails; report how many completed and what stopped them."""
+        f = self.files[name]
+        deadline = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < deadline:
+            offset = (i * chunk) % f.length
+            try:
+                f.write(offset, bytes([i % 251 + 1]) * chunk)
+            except (GrantRevoked, WorkCompletionError, VerbsError) as exc:
+                return {"writes": i, "stopped_by": type(exc).__name__, "error": str(exc)}
+            i += 1
+        return {"writes": i, "stopped_by": "time", "error": ""}
+
+    def revoked(self, name: str, timeout: float = 10.0) -> dict:
+        """Wait until the Watch stream reported this file's grant revoked."""
+        grant_id = self.files[name].grant.grant_id
+        deadline = time.monotonic() + timeout
+        while grant_id not in self.session.revoked and time.monotonic() < deadline:
+            time.sleep(0.05)
+        exc = self.session.revoked.get(grant_id)
+        return {"revoked": exc is not None, "reason": exc.reason if exc else "", "epoch": exc.epoch if exc else 0}
 
     def state(self) -> dict:
         return {"state": self.session.conn.state()}

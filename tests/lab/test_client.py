@@ -9,13 +9,10 @@ import random
 import signal
 import subprocess
 import sys
-import time
-import uuid
-from pathlib import Path
 
 import pytest
+from conftest import Client, Server
 
-HERE = Path(__file__).parent
 MiB = 1 << 20
 REM_ACCESS_ERR = 10
 WRITE, READ, ATOMIC, FLUSH = 1, 2, 4, 8
@@ -23,96 +20,6 @@ WRITE, READ, ATOMIC, FLUSH = 1, 2, 4, 8
 
 def pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
-
-
-class Server:
-    """rdax-server as a subprocess in this (storage) namespace."""
-
-    def __init__(self, lab, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.target = f"{lab['RDAX_STORAGE_IP']}:{port}"
-        self.log = open(f"/tmp/rdax-server-{port}.log", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rdax.service.cli", "--root", str(root), "--listen", self.target,
-             "--device", lab["RDAX_STORAGE_DEV"]], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            self.log.seek(0)
-            text = self.log.read()
-            if "listening on" in text:
-                return
-            if self.proc.poll() is not None:
-                pytest.fail(f"rdax-server exited {self.proc.returncode}:\n{text}", pytrace=False)
-            time.sleep(0.2)
-        pytest.fail(f"rdax-server did not start within 90 s:\n{text}", pytrace=False)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def export_root(lab):
-    root = Path(lab["RDAX_DAX_MOUNT"]) / f"export-{uuid.uuid4().hex[:8]}"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def server(lab, export_root):
-    s = Server(lab, export_root, 7700 + random.randrange(200))
-    yield s
-    s.stop()
-
-
-class Client:
-    """tests/lab/client_peer.py in the client namespace, connected to a server."""
-
-    def __init__(self, lab, target: str) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, str(HERE / "client_peer.py"), target],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        hello = self.proc.stdout.readline()
-        assert hello, f"client did not start (exit {self.proc.wait()})"
-        self.session_id = json.loads(hello)["session_id"]
-
-    def send(self, op: str, **args) -> None:
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-
-    def recv(self) -> dict:
-        line = self.proc.stdout.readline()
-        assert line, f"client died (exit {self.proc.poll()})"
-        return json.loads(line)
-
-    def call(self, op: str, **args) -> dict:
-        self.send(op, **args)
-        return self.recv()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write('{"op": "quit"}\n')
-            self.proc.stdin.close()
-            self.proc.wait(timeout=20)
-        except (BrokenPipeError, subprocess.TimeoutExpired):
-            self.proc.kill()
-
-
-@pytest.fixture
-def clients(lab, server):
-    made: list[Client] = []
-
-    def make(n: int = 1) -> list[Client]:
-        new = [Client(lab, server.target) for _ in range(n)]
-        made.extend(new)
-        return new
-    yield make
-    for c in made:
-        c.close()
 
 
 def storage_mr_count(lab) -> int:
