@@ -78,13 +78,13 @@ def peer(lab):
 class Server:
     """rdax-server as a subprocess in this (storage) namespace."""
 
-    def __init__(self, lab, root: Path, port: int) -> None:
+    def __init__(self, lab, root: Path, port: int, *extra: str) -> None:
         self.root, self.port = root, port
         self.target = f"{lab['RDAX_STORAGE_IP']}:{port}"
         self.log = open(f"/tmp/rdax-server-{port}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rdax.service.cli", "--root", str(root), "--listen", self.target,
-             "--device", lab["RDAX_STORAGE_DEV"]], stdout=self.log, stderr=subprocess.STDOUT)
+             "--device", lab["RDAX_STORAGE_DEV"], *extra], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             self.log.seek(0)

@@ -71,3 +71,46 @@ def test_revoke_breaker_while_streaming(server, clients, breaker):
         assert not retry["ok"], retry
         time.sleep(1.0)
         assert sha256_of(live) == before, "bytes landed after the revocation"
+
+
+def test_revoke_then_reseal_and_regrant_work(server, clients):
+    (client,) = clients(1)
+    assert client.call("open", name="f", path="again", length=MiB)["ok"]
+    run = subprocess.run(["sh", "-c", f"cat {server.root / 'again'} > /dev/null"], timeout=60)
+    assert run.returncode == 0
+    assert client.call("revoked", name="f")["revoked"]
+    # The breaker is done: a new seal and grant on the same path work again.
+    reopened = client.call("open", name="g", path="again", length=MiB)
+    assert reopened["ok"] and reopened["epoch"] == 1, reopened
+    assert client.call("write", name="g", offset=0, length=MiB, seed=21)["ok"]
+    assert client.call("flush", name="g", offset=0, length=MiB)["ok"]
+    assert client.call("read_equals", name="g", offset=0, length=MiB, seed=21)["equal"]
+
+
+def test_revoke_client_killed_loses_grants_after_lease_time(lab, export_root):
+    from conftest import Client, Server
+    server = Server(lab, export_root, 7950, "--lease-seconds", "3")
+    try:
+        client = Client(lab, server.target)
+        grant = client.call("open", name="f", path="orphan", length=MiB)
+        assert grant["ok"], grant
+        assert mr_rkeys(lab) >= {grant["rkey"]}
+        client.proc.kill()                     # SIGKILL: no CloseSession, no more heartbeats
+        deadline = time.monotonic() + 3 * 3 + 5
+        while grant["rkey"] in mr_rkeys(lab) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert grant["rkey"] not in mr_rkeys(lab), "the dead client's grant outlived its session lease"
+        # ...and its seal let the file go: another process may open it at once.
+        start = time.monotonic()
+        assert subprocess.run(["sh", "-c", f"cat {export_root / 'orphan'} > /dev/null"], timeout=60).returncode == 0
+        assert time.monotonic() - start < 5
+    finally:
+        server.stop()
+
+
+def mr_rkeys(lab) -> set[int]:
+    import json
+    out = subprocess.run(["rdma", "-j", "res", "show", "mr", "dev", lab["RDAX_STORAGE_DEV"]],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(mr["rkey"], 16) if isinstance(mr.get("rkey"), str) else mr.get("rkey")
+            for mr in json.loads(out or "[]") if "rkey" in mr}
