@@ -27,7 +27,7 @@ mkdir -p $DAX_MOUNT
 if step "modprobe nfit nd_pmem" modprobe -a nfit nd_pmem libnvdimm; then
     for _ in $(seq 50); do [[ -e /sys/bus/nd/devices/namespace0.0 ]] && break; sleep 0.1; done
     step "ndctl create-namespace fsdax" ndctl create-namespace -f -e namespace0.0 -m fsdax \
-    && step "mkfs.xfs /dev/pmem0" mkfs.xfs -q -f -m reflink=0 /dev/pmem0 \
+    && step "mkfs.xfs (reflink=1: the reflink/clone/dedupe breakers need it) /dev/pmem0" mkfs.xfs -q -f -m reflink=1 /dev/pmem0 \
     && step "mount -o dax=always /dev/pmem0" mount -o dax=always /dev/pmem0 $DAX_MOUNT
 fi
 

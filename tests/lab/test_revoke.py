@@ -7,8 +7,11 @@ import hashlib
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+HERE = Path(__file__).parent
 
 MiB = 1 << 20
 LENGTH = 8 * MiB
@@ -28,6 +31,10 @@ BREAKERS = {
     "insert_range": ["fallocate", "--insert-range", "--offset", "0", "--length", "65536", "{path}"],
     "write_other_descriptor": ["dd", "if=/dev/zero", "of={path}", "bs=4096", "count=1", "conv=notrunc",
                                "status=none"],
+    "reflink": ["cp", "--reflink=always", "{path}", "{path}.reflink"],
+    "clone_into": ["sh", "-c", "head -c 65536 /dev/zero > {path}.src && "
+                   "xfs_io -c 'reflink {path}.src 0 0 65536' {path}"],
+    "dedupe": [sys.executable, str(HERE / "dedupe_breaker.py"), "{path}"],
     "rename": ["mv", "{path}", "{path}.moved"],
     "link": ["ln", "{path}", "{path}.link"],
     "unlink": ["rm", "{path}"],

@@ -1,0 +1,316 @@
+"""The rdax side of the benchmark, run in the client namespace: one JSON command per stdin line, one JSON
+answer per stdout line (nothing else goes to stdout).
+
+    ip netns exec client python tests/bench/rdax_peer.py 10.77.0.1:7790
+
+Everything goes through rdax.client (Session, RemoteFile) and the session's rdax.rdma Connection; the
+library itself is used as shipped. Every measurement is bounded in time.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import sys
+import time
+import traceback
+
+from rdax.client import RemoteFile, Session, connect
+from rdax.rdma import Chunk
+from rdax.v1 import rdax_pb2 as pb
+
+import control
+from report import summary_us
+
+KiB = 1 << 10
+MiB = 1 << 20
+BW_REGION = 32 * MiB      # each bandwidth session's grant: written over and over, sequentially
+LAT_FILE = MiB
+CALIBRATE_BYTES = 4 * MiB
+
+
+def _cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+class SessionOps:
+    """control.Ops over an rdax.client.Session."""
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    def heartbeat(self) -> None:
+        self.s.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.s.session_id), timeout=30)
+
+    def seal(self, path: str, length: int) -> str:
+        return self.s.seal(path, length, create=True).seal_id
+
+    def unseal(self, seal_id: str) -> None:
+        self.s.unseal(seal_id)
+
+    def grant(self, seal_id: str, offset: int, length: int) -> str:
+        return self.s.grant(seal_id, offset, length).grant_id
+
+    def release(self, grant_id: str) -> None:
+        self.s.release(grant_id)
+
+
+class Bench:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.sessions: list[Session] = []
+        self.bw: dict[int, tuple[Session, RemoteFile]] = {}
+        self.lat: tuple[Session, RemoteFile] | None = None
+        self.extra_sessions: list[Session] = []
+        self.mem: tuple[Session, str, int, list[str]] | None = None
+
+    def _connect(self, **kwargs) -> Session:
+        s = connect(self.target, **kwargs)
+        self.sessions.append(s)
+        return s
+
+    # -- sequential write bandwidth -------------------------------------------------
+    def _stream(self, s: Session, f: RemoteFile, size: int, count: int, start: int) -> None:
+        """`count` RDMA WRITEs of `size` bytes, one work request each, sequential through the grant; the
+        Connection keeps up to its depth in flight, signals one in signal_every, waits once at the end."""
+        laddr, lkey, stage = s.staging.addr, s.staging.lkey, s.staging.length
+        rkey, raddr, region = f.grant.rkey, f.grant.remote_addr, f.length
+        s.conn.write((Chunk(laddr + ((i * size) % region) % stage, lkey, size, rkey, raddr + (i * size) % region)
+                      for i in range(start, start + count)), timeout=300)
+
+    def open_bw(self, depth: int) -> dict:
+        """A session whose Connection has `depth`, granted BW_REGION of one shared file; the first pass over
+        the fresh grant (1 MiB writes) is timed: that is the ODP first-touch cost."""
+        s = self._connect(depth=depth)
+        f = s.open("bench-bw", BW_REGION)
+        self.bw[depth] = (s, f)
+        t0 = time.perf_counter()
+        self._stream(s, f, MiB, BW_REGION // MiB, 0)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._stream(s, f, MiB, BW_REGION // MiB, 0)
+        second = time.perf_counter() - t0
+        return {"depth": depth, "signal_every": s.conn.signal_every, "bytes": BW_REGION,
+                "first_pass_mib_s": round(BW_REGION / MiB / first, 2),
+                "second_pass_mib_s": round(BW_REGION / MiB / second, 2)}
+
+    def write_bw(self, size: int, depth: int, seconds: float) -> dict:
+        s, f = self.bw[depth]
+        # A short burst sizes the timed run to about `seconds`.
+        n = max(1, min(2 * depth, CALIBRATE_BYTES // size))
+        t0 = time.perf_counter()
+        self._stream(s, f, size, n, 0)
+        rate = n * size / (time.perf_counter() - t0)
+        count = max(4, min(200_000, int(seconds * rate / size)))
+        u0, s0 = _cpu()
+        t0 = time.perf_counter()
+        self._stream(s, f, size, count, n)
+        elapsed = time.perf_counter() - t0
+        u1, s1 = _cpu()
+        return {"size": size, "depth": depth, "signal_every": s.conn.signal_every, "messages": count,
+                "bytes": count * size, "seconds": round(elapsed, 4),
+                "bw_mib_s": round(count * size / MiB / elapsed, 2),
+                "msg_per_s": round(count / elapsed, 1),
+                "us_per_msg": round(elapsed / count * 1e6, 2),
+                "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3)}
+
+    def api_write_bw(self, size: int, seconds: float, depth: int = 64) -> dict:
+        """RemoteFile.write as an application calls it: copy into the staging buffer, 1 MiB work requests,
+        wait for completion before returning; one call per message."""
+        s, f = self.bw[depth]
+        data = os.urandom(size)
+        deadline = time.perf_counter() + seconds
+        count, off = 0, 0
+        u0, s0 = _cpu()
+        t0 = time.perf_counter()
+        while True:
+            f.write(off, data)
+            count += 1
+            off = (off + size) % f.length
+            if count >= 4 and time.perf_counter() >= deadline or count >= 200_000:
+                break
+        elapsed = time.perf_counter() - t0
+        u1, s1 = _cpu()
+        return {"size": size, "depth": depth, "messages": count, "bytes": count * size,
+                "seconds": round(elapsed, 4), "bw_mib_s": round(count * size / MiB / elapsed, 2),
+                "us_per_msg": round(elapsed / count * 1e6, 2),
+                "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3)}
+
+    # -- latency ----------------------------------------------------------------------
+    def _lat_session(self) -> tuple[Session, RemoteFile]:
+        if self.lat is None:
+            s = self._connect()   # the library's defaults: depth 64, 16 MiB staging
+            f = s.open("bench-lat", LAT_FILE)
+            f.write(0, bytes(LAT_FILE))   # fault the region in once (ODP)
+            f.flush(0, LAT_FILE)
+            self.lat = (s, f)
+        return self.lat
+
+    def latency(self, mode: str, size: int, iters: int, seconds: float, warmup: int = 20) -> dict:
+        """write_flush: RDMA WRITE (unsignalled) + FLUSH(persistent, the range), one completion wait — the
+        fewest round trips to durable bytes. write: one signalled WRITE, wait. api_write_then_flush:
+        RemoteFile.write then RemoteFile.flush (two waits)."""
+        s, f = self._lat_session()
+        conn, rkey, raddr = s.conn, f.grant.rkey, f.grant.remote_addr
+        chunk = Chunk(s.staging.addr, s.staging.lkey, size, rkey, raddr)
+        data = os.urandom(size)
+        if mode == "write_flush":
+            def op() -> None:
+                conn.post_write(chunk)
+                conn.flush(rkey, raddr, size)
+        elif mode == "write":
+            def op() -> None:
+                conn.write([chunk])
+        elif mode == "api_write_then_flush":
+            def op() -> None:
+                f.write(0, data)
+                f.flush(0, size)
+        else:
+            raise ValueError(f"unknown latency mode {mode!r}")
+        for _ in range(warmup):
+            op()
+        samples: list[int] = []
+        deadline = time.monotonic() + seconds
+        clock = time.perf_counter_ns
+        while len(samples) < iters and (len(samples) < 20 or time.monotonic() < deadline):
+            t0 = clock()
+            op()
+            samples.append(clock() - t0)
+        return {"size": size, "mode": mode, **summary_us(samples)}
+
+    # -- registration cost --------------------------------------------------------------
+    def grant_cost(self, sizes: list[int], reps: int, seconds: float) -> dict:
+        """Grant (one ODP memory region over [0, size) of a sealed file) and Release, timed from the client."""
+        s = self._connect(staging=MiB)
+        t0 = time.perf_counter()
+        seal_id = s.seal("bench-reg", max(sizes), create=True).seal_id
+        seal_ms = (time.perf_counter() - t0) * 1e3
+        floor = []
+        for _ in range(50):
+            t0 = time.perf_counter_ns()
+            s.stub.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id), timeout=30)
+            floor.append(time.perf_counter_ns() - t0)
+        points = []
+        for size in sizes:
+            g_ns, r_ns = [], []
+            deadline = time.monotonic() + seconds
+            while len(g_ns) < reps and (len(g_ns) < 3 or time.monotonic() < deadline):
+                t0 = time.perf_counter_ns()
+                grant = s.grant(seal_id, 0, size)
+                t1 = time.perf_counter_ns()
+                s.release(grant.grant_id)
+                t2 = time.perf_counter_ns()
+                g_ns.append(t1 - t0)
+                r_ns.append(t2 - t1)
+            g, r = summary_us(g_ns), summary_us(r_ns)
+            points.append({"size": size, "samples": len(g_ns), "grant_ms_p50": round(g["p50_us"] / 1e3, 3),
+                           "grant_ms_min": round(g["min_us"] / 1e3, 3), "grant_ms_max": round(g["max_us"] / 1e3, 3),
+                           "release_ms_p50": round(r["p50_us"] / 1e3, 3)})
+        s.unseal(seal_id)
+        return {"seal_ms": round(seal_ms, 1), "seal_length": max(sizes),
+                "rpc_floor_ms_p50": round(summary_us(floor)["p50_us"] / 1e3, 3), "points": points}
+
+    # -- memory on the node (the driver reads its VmRSS between these) --------------------------
+    def sessions_open(self, n: int) -> dict:
+        for _ in range(n):
+            self.extra_sessions.append(connect(self.target, staging=MiB, depth=4))
+        return {"open": len(self.extra_sessions)}
+
+    def sessions_close(self) -> dict:
+        for s in self.extra_sessions:
+            s.close()
+        self.extra_sessions.clear()
+        return {}
+
+    def mem_prepare(self, file_length: int) -> dict:
+        s = self._connect(staging=MiB)
+        seal_id = s.seal("bench-mem", file_length, create=True).seal_id
+        self.mem = (s, seal_id, file_length, [])
+        return {}
+
+    def grants_open(self, n: int, length: int) -> dict:
+        s, seal_id, file_length, grants = self.mem
+        for i in range(n):
+            grants.append(s.grant(seal_id, (i * length) % file_length, length).grant_id)
+        return {"open": len(grants)}
+
+    def grants_close(self) -> dict:
+        s, _seal_id, _length, grants = self.mem
+        for g in grants:
+            s.release(g)
+        grants.clear()
+        return {}
+
+    # -- control plane -----------------------------------------------------------------------
+    def control_plane(self, seconds: float, threads: int, max_ops: int) -> dict:
+        s = self._connect(staging=MiB)
+        return control.measure(SessionOps(s), "guest", seconds=seconds, max_ops=max_ops, threads=threads)
+
+    # -- where the time goes ------------------------------------------------------------------
+    def profile(self, seconds: float, size: int = 4 * KiB, depth: int = 64) -> dict:
+        """cProfile of the bandwidth loop (size, depth) and of the write+flush latency loop."""
+        out = {}
+        for name, run in (("write_bw", lambda: self.write_bw(size, depth, seconds)),
+                          ("write_flush_lat", lambda: self.latency("write_flush", size, 100_000, seconds))):
+            prof = cProfile.Profile()
+            prof.enable()
+            figures = run()
+            prof.disable()
+            stats = pstats.Stats(prof)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
+            out[name] = {"figures": figures, "buckets_s": _buckets(stats), "top": text.getvalue()}
+        return out
+
+    def close(self) -> None:
+        for s in self.extra_sessions + self.sessions:
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - closing at exit
+                pass
+
+
+def _buckets(stats: pstats.Stats) -> dict[str, float]:
+    """Own time (tottime) split into: pyverbs calls, rdax.rdma Python, rdax.client Python, this bench, other."""
+    out = {"pyverbs (C, wr_*/poll)": 0.0, "rdax.rdma.connection (Python)": 0.0, "rdax.client (Python)": 0.0,
+           "bench loop (Python)": 0.0, "other": 0.0}
+    for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():
+        if "pyverbs" in func or "pyverbs" in filename:
+            key = "pyverbs (C, wr_*/poll)"
+        elif filename.endswith(os.path.join("rdma", "connection.py")):
+            key = "rdax.rdma.connection (Python)"
+        elif filename.endswith(os.path.join("client", "session.py")):
+            key = "rdax.client (Python)"
+        elif "tests/bench" in filename:
+            key = "bench loop (Python)"
+        else:
+            key = "other"
+        out[key] += tottime
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def main() -> None:
+    bench = Bench(sys.argv[1])
+    print(json.dumps({"ok": True, "pid": os.getpid()}), flush=True)
+    try:
+        for line in sys.stdin:
+            req = json.loads(line)
+            op = req.pop("op")
+            if op == "quit":
+                break
+            try:
+                reply = {"ok": True, **getattr(bench, op)(**req)}
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to the driver
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                         "trace": traceback.format_exc()[-3000:]}
+            print(json.dumps(reply), flush=True)
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Figures into words: percentiles, rdax/perftest ratios, and the plain-text table of results/bench.json.
+
+Pure Python with no dependencies, so that the guest (run.py) and the host
+(control_host.py, plot.py) share it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+RATIO_DEFINITIONS = {
+    "write_bw_ge_256k": "lowest, over message sizes >= 256 KiB, of rdax write bandwidth at its best queue depth "
+                        "(of 1, 8, 64) / ib_write_bw average bandwidth at the same size",
+    "write_bw_4k": "rdax write bandwidth at its best queue depth / ib_write_bw, 4 KiB messages",
+    "write_flush_lat_4k_p50": "rdax RDMA WRITE + FLUSH(persistent) p50 (one completion wait) / ib_write_lat "
+                              "t_typical, 4 KiB (ib_write_lat reports half a ping-pong round trip)",
+}
+
+
+def size_label(n: int) -> str:
+    for unit, factor in (("MiB", MiB), ("KiB", KiB)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} B"
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary_us(samples_ns: list[int]) -> dict[str, Any]:
+    """p50/p99/min/max/mean in microseconds of a list of nanosecond samples."""
+    us = [s / 1000.0 for s in samples_ns]
+    return {"samples": len(us), "p50_us": _r(percentile(us, 50)), "p99_us": _r(percentile(us, 99)),
+            "min_us": _r(min(us)) if us else None, "max_us": _r(max(us)) if us else None,
+            "mean_us": _r(sum(us) / len(us)) if us else None}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def _r(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+# -- joining rdax figures to their perftest twins ----------------------------------
+def perftest_bw(doc: dict, size: int) -> float | None:
+    for row in doc.get("perftest", {}).get("write_bw", []):
+        if row.get("size") == size:
+            return row.get("bw_mib_s")
+    return None
+
+
+def perftest_lat(doc: dict, size: int) -> dict | None:
+    for row in doc.get("perftest", {}).get("write_lat", []):
+        if row.get("size") == size:
+            return row
+    return None
+
+
+def best_rdax_bw(doc: dict, size: int) -> tuple[float | None, int | None]:
+    """rdax's highest bandwidth at `size` over the measured queue depths, and that depth."""
+    rows = [r for r in doc.get("rdax", {}).get("write_bw", []) if r.get("size") == size and r.get("bw_mib_s")]
+    if not rows:
+        return None, None
+    best = max(rows, key=lambda r: r["bw_mib_s"])
+    return best["bw_mib_s"], best["depth"]
+
+
+def attach_ratios(doc: dict) -> None:
+    """Give every rdax bandwidth and latency figure its ratio to the perftest twin, and fill doc['ratios']."""
+    rdax = doc.setdefault("rdax", {})
+    for key in ("write_bw", "api_write_bw"):
+        for row in rdax.get(key, []):
+            row["vs_perftest"] = ratio(row.get("bw_mib_s"), perftest_bw(doc, row["size"]))
+    for key in ("write_flush_lat", "write_lat", "api_write_then_flush_lat"):
+        for row in rdax.get(key, []):
+            twin = perftest_lat(doc, row["size"]) or {}
+            row["vs_perftest_p50"] = ratio(row.get("p50_us"), twin.get("p50_us"))
+            row["vs_perftest_p99"] = ratio(row.get("p99_us"), twin.get("p99_us"))
+
+    big = sorted({r["size"] for r in rdax.get("write_bw", []) if r["size"] >= 256 * KiB})
+    per_size = {size: ratio(best_rdax_bw(doc, size)[0], perftest_bw(doc, size)) for size in big}
+    known = [v for v in per_size.values() if v is not None]
+    lat4k = next((r for r in rdax.get("write_flush_lat", []) if r["size"] == 4 * KiB), {})
+    doc["ratios"] = {
+        "write_bw_ge_256k": min(known) if known and len(known) == len(per_size) else None,
+        "write_bw_4k": ratio(best_rdax_bw(doc, 4 * KiB)[0], perftest_bw(doc, 4 * KiB)),
+        "write_flush_lat_4k_p50": lat4k.get("vs_perftest_p50"),
+        "write_bw_best_by_size": {str(s): v for s, v in per_size.items()},
+    }
+    doc["ratio_definitions"] = RATIO_DEFINITIONS
+
+
+# -- the table ----------------------------------------------------------------------
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    if x is None:
+        return "-"
+    return fmt.format(x) if isinstance(x, (int, float)) else str(x)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
+
+
+def bandwidth_lines(doc: dict) -> list[str]:
+    rdax = doc.get("rdax", {})
+    depths = sorted({r["depth"] for r in rdax.get("write_bw", [])})
+    sizes = sorted({r["size"] for r in doc.get("perftest", {}).get("write_bw", [])}
+                   | {r["size"] for r in rdax.get("write_bw", [])})
+    rows = []
+    for size in sizes:
+        by_depth = {r["depth"]: r.get("bw_mib_s") for r in rdax.get("write_bw", []) if r["size"] == size}
+        api = next((r.get("bw_mib_s") for r in rdax.get("api_write_bw", []) if r["size"] == size), None)
+        best, _ = best_rdax_bw(doc, size)
+        rows.append([size_label(size), _f(perftest_bw(doc, size)), *[_f(by_depth.get(d)) for d in depths],
+                     _f(ratio(best, perftest_bw(doc, size)), "{:.2f}"), _f(api)])
+    head = ["size", "ib_write_bw", *[f"rdax qd{d}" for d in depths], "best/perftest", "RemoteFile.write"]
+    return ["write bandwidth, MiB/s", *_table(head, rows)]
+
+
+def latency_lines(doc: dict) -> list[str]:
+    rdax = doc.get("rdax", {})
+    rows = []
+    for row in rdax.get("write_flush_lat", []):
+        size = row["size"]
+        twin = perftest_lat(doc, size) or {}
+        w = next((r for r in rdax.get("write_lat", []) if r["size"] == size), {})
+        api = next((r for r in rdax.get("api_write_then_flush_lat", []) if r["size"] == size), {})
+        rows.append([size_label(size), _f(twin.get("p50_us")), _f(twin.get("p99_us")),
+                     _f(w.get("p50_us")), _f(row.get("p50_us")), _f(row.get("p99_us")),
+                     _f(row.get("vs_perftest_p50"), "{:.2f}"), _f(api.get("p50_us")), _f(api.get("p99_us"))])
+    head = ["size", "ib_write_lat p50", "p99", "rdax write p50", "write+flush p50", "p99", "w+f/perftest p50",
+            "RemoteFile write;flush p50", "p99"]
+    return ["write latency, us (ib_write_lat: t_typical and 99% percentile, half a round trip)",
+            *_table(head, rows)]
+
+
+def registration_lines(doc: dict) -> list[str]:
+    cost = doc.get("rdax", {}).get("grant_cost", {})
+    rows = [[size_label(p["size"]), _f(p.get("grant_ms_p50"), "{:.2f}"), _f(p.get("grant_ms_min"), "{:.2f}"),
+             _f(p.get("release_ms_p50"), "{:.2f}"), str(p.get("samples"))] for p in cost.get("points", [])]
+    floor = cost.get("rpc_floor_ms_p50")
+    return [f"registration: Grant RPC (ODP MR over a sub-range) and Release, ms; Heartbeat RPC floor "
+            f"{_f(floor, '{:.2f}')} ms",
+            *_table(["grant size", "Grant p50", "min", "Release p50", "n"], rows)]
+
+
+def memory_lines(doc: dict) -> list[str]:
+    mem = doc.get("rdax", {}).get("server_memory", {})
+    out = ["server memory (rdax-server VmRSS)"]
+    if not mem:
+        return out + ["  -"]
+    out.append(f"  idle: {_f(mem.get('idle_kib'), '{:.0f}')} KiB")
+    for key, label in (("per_session", "per session"), ("per_grant", "per grant")):
+        m = mem.get(key) or {}
+        out.append(f"  {label}: {_f(m.get('kib_each'), '{:.1f}')} KiB "
+                   f"({m.get('count', '-')} opened, {_f(m.get('delta_kib'), '{:.0f}')} KiB in all; {m.get('detail', '')})")
+    touched = mem.get("after_writes") or {}
+    if touched:
+        out.append(f"  after the write benchmarks: VmRSS {_f(touched.get('VmRSS_kib'), '{:.0f}')} KiB, "
+                   f"RssFile+RssShmem {_f(touched.get('file_shmem_kib'), '{:.0f}')} KiB "
+                   f"(DAX pages the clients' writes faulted into the node's page tables)")
+    return out
+
+
+def control_lines(doc: dict) -> list[str]:
+    cp = doc.get("rdax", {}).get("control_plane", {})
+    rows = []
+    for where, figures in cp.items():
+        for op in ("heartbeat", "seal", "unseal", "grant", "release"):
+            lat = (figures.get("latency") or {}).get(op)
+            if lat:
+                rows.append([where, op, _f(lat.get("p50_us") / 1000 if lat.get("p50_us") else None, "{:.2f}"),
+                             _f(lat.get("p99_us") / 1000 if lat.get("p99_us") else None, "{:.2f}"),
+                             _f(lat.get("ops_per_s"), "{:.0f}"), str(lat.get("samples"))])
+        for op, t in (figures.get("concurrent") or {}).items():
+            rows.append([where, f"{op} x{t.get('threads')} threads", "", "", _f(t.get("ops_per_s"), "{:.0f}"),
+                         str(t.get("ops"))])
+    return ["control plane (gRPC), ms; ops/s sequential unless threads",
+            *_table(["where", "op", "p50", "p99", "ops/s", "n"], rows)]
+
+
+def ratio_lines(doc: dict) -> list[str]:
+    r = doc.get("ratios", {})
+    return ["ratios (rdax / perftest)",
+            *[f"  {k}: {_f(r.get(k), '{:.3f}')}" for k in ("write_bw_ge_256k", "write_bw_4k", "write_flush_lat_4k_p50")]]
+
+
+def table(doc: dict) -> str:
+    sections = [bandwidth_lines(doc), latency_lines(doc), registration_lines(doc), memory_lines(doc),
+                control_lines(doc), ratio_lines(doc)]
+    if doc.get("problems"):
+        sections.append(["problems", *[f"  {p}" for p in doc["problems"]]])
+    return "\n\n".join("\n".join(s) for s in sections)
