@@ -50,9 +50,13 @@ lab-shell: proto lab
 demo: proto lab
 	lab/run.sh 'bash lab/demo.sh'
 
+# One lab run, one report: perftest and rdax on the same rxe devices (tests/bench/run.py, a 540 s budget; the
+# guest is stopped at 900 s whatever happens), then the control plane on the host, then the plot.
 bench: proto lab
 	mkdir -p results
-	lab/run.sh 'python -m tests.bench.run --out results/bench.json'
+	RDAX_LAB_TIMEOUT=900 lab/run.sh 'python tests/bench/run.py --out results/bench.json'
+	$(PY) tests/bench/control_host.py results/bench.json
+	$(PY) tests/bench/plot.py results/bench.json results/bench.png
 
 clean:
 	rm -rf $(VENV) results .lab $(PROTO_OUT) proto/rdax/v1/*.pyi

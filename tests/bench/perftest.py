@@ -6,8 +6,8 @@ import ipaddress
 import os
 import re
 import resource
-import select
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -80,12 +80,15 @@ class Perftest:
 
     def run(self, tool: str, size: int, iters: int, extra: list[str] | None = None, timeout: float = 90.0) -> dict:
         extra = extra or []
-        server = subprocess.Popen(self._argv(self.server, tool, size, iters, extra), stdout=subprocess.PIPE,
+        # The server's banner sits in its stdout buffer (a pipe), so do not wait for it: the client retries
+        # while the server is not listening yet.
+        server_out = tempfile.TemporaryFile()
+        server = subprocess.Popen(self._argv(self.server, tool, size, iters, extra), stdout=server_out,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            self._wait_for(server, b"Waiting for client", 20.0)
             argv = self._argv(self.client, tool, size, iters, extra) + [self.server_ip]
-            for attempt in range(5):
+            time.sleep(0.5)
+            for attempt in range(10):
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.monotonic()
                 client = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -94,10 +97,13 @@ class Perftest:
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 if client.returncode == 0:
                     break
-                if "Couldn't connect" not in client.stdout + client.stderr or attempt == 4:
+                if "Couldn't connect" not in client.stdout + client.stderr or attempt == 9 \
+                        or server.poll() is not None:
+                    server_out.seek(0)
                     raise RuntimeError(f"{' '.join(argv)} exited {client.returncode}:\n"
-                                       f"{(client.stdout + client.stderr)[-1500:]}")
-                time.sleep(0.5)   # the server prints its banner just before it listens
+                                       f"{(client.stdout + client.stderr)[-1500:]}\nserver (exit {server.poll()}):"
+                                       f"\n{server_out.read()[-800:].decode(errors='replace')}")
+                time.sleep(0.5)
             if self.log:
                 self.log.write(f"$ {' '.join(argv)}\n{client.stdout}\n")
             parsed = (parse_bw if "bw" in tool else parse_lat)(client.stdout)
@@ -109,17 +115,4 @@ class Perftest:
             if server.poll() is None:
                 server.kill()
                 server.wait()
-
-    @staticmethod
-    def _wait_for(proc: subprocess.Popen, marker: bytes, timeout: float) -> None:
-        deadline, seen = time.monotonic() + timeout, b""
-        while marker not in seen:
-            left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
-                raise RuntimeError(f"perftest server did not get ready (exit {proc.poll()}): {seen[-800:]!r}")
-            ready, _, _ = select.select([proc.stdout], [], [], left)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    continue
-                seen += chunk
+            server_out.close()

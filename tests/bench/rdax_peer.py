@@ -30,6 +30,7 @@ MiB = 1 << 20
 BW_REGION = 32 * MiB      # each bandwidth session's grant: written over and over, sequentially
 LAT_FILE = MiB
 CALIBRATE_BYTES = 4 * MiB
+CALIBRATE_SECONDS = 0.3
 
 
 def _cpu() -> tuple[float, float]:
@@ -100,15 +101,17 @@ class Bench:
 
     def write_bw(self, size: int, depth: int, seconds: float) -> dict:
         s, f = self.bw[depth]
-        # A short burst sizes the timed run to about `seconds`.
+        # Short bursts, for at least CALIBRATE_SECONDS, size the timed run to about `seconds`.
         n = max(1, min(2 * depth, CALIBRATE_BYTES // size))
-        t0 = time.perf_counter()
-        self._stream(s, f, size, n, 0)
-        rate = n * size / (time.perf_counter() - t0)
+        sent, t0 = 0, time.perf_counter()
+        while sent == 0 or time.perf_counter() - t0 < min(CALIBRATE_SECONDS, seconds / 4):
+            self._stream(s, f, size, n, sent)
+            sent += n
+        rate = sent * size / (time.perf_counter() - t0)
         count = max(4, min(200_000, int(seconds * rate / size)))
         u0, s0 = _cpu()
         t0 = time.perf_counter()
-        self._stream(s, f, size, count, n)
+        self._stream(s, f, size, count, sent)
         elapsed = time.perf_counter() - t0
         u1, s1 = _cpu()
         return {"size": size, "depth": depth, "signal_every": s.conn.signal_every, "messages": count,
@@ -274,21 +277,27 @@ class Bench:
                 pass
 
 
+# cProfile does not see calls into pyverbs (Cython): their time is the own time of the Python function
+# that makes them, so the buckets go by caller.
+BUCKETS = (
+    ("posting: Connection._post/post_write/post_flush (incl. pyverbs wr_start/wr_rdma_write/wr_set_sge/"
+     "wr_complete)", lambda f, fn: f.endswith("rdma/connection.py") and fn != "_retire"),
+    ("completion wait: Connection._retire (CQ.poll busy loop, incl. time.monotonic)",
+     lambda f, fn: (f.endswith("rdma/connection.py") and fn == "_retire") or "time.monotonic" in fn),
+    ("pyverbs SGE objects: logging.getLogger per object", lambda f, fn: f.endswith("logging/__init__.py")),
+    ("bench loop and Chunk construction", lambda f, fn: "tests/bench" in f or f == "<string>"),
+    ("other threads: gRPC Watch/heartbeat of the sessions (wall time, mostly blocked, not CPU)",
+     lambda f, fn: "grpc" in f or "threading.py" in f or "_thread" in fn),
+)
+
+
 def _buckets(stats: pstats.Stats) -> dict[str, float]:
-    """Own time (tottime) split into: pyverbs calls, rdax.rdma Python, rdax.client Python, this bench, other."""
-    out = {"pyverbs (C, wr_*/poll)": 0.0, "rdax.rdma.connection (Python)": 0.0, "rdax.client (Python)": 0.0,
-           "bench loop (Python)": 0.0, "other": 0.0}
+    """Own time (tottime) of the profiled run, by what it was spent on. cProfile (Python >= 3.12) records
+    every thread, so the sessions' background threads show up too, with their blocked time."""
+    out = {name: 0.0 for name, _ in BUCKETS}
+    out["other"] = 0.0
     for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():
-        if "pyverbs" in func or "pyverbs" in filename:
-            key = "pyverbs (C, wr_*/poll)"
-        elif filename.endswith(os.path.join("rdma", "connection.py")):
-            key = "rdax.rdma.connection (Python)"
-        elif filename.endswith(os.path.join("client", "session.py")):
-            key = "rdax.client (Python)"
-        elif "tests/bench" in filename:
-            key = "bench loop (Python)"
-        else:
-            key = "other"
+        key = next((name for name, match in BUCKETS if match(filename, func)), "other")
         out[key] += tottime
     return {k: round(v, 4) for k, v in out.items()}
 

@@ -95,13 +95,32 @@ def attach_ratios(doc: dict) -> None:
     per_size = {size: ratio(best_rdax_bw(doc, size)[0], perftest_bw(doc, size)) for size in big}
     known = [v for v in per_size.values() if v is not None]
     lat4k = next((r for r in rdax.get("write_flush_lat", []) if r["size"] == 4 * KiB), {})
+    for row in rdax.get("first_touch", []):   # 1 MiB writes over a fresh grant, then over the same one again
+        row["first_pass_vs_perftest_1mib"] = ratio(row.get("first_pass_mib_s"), perftest_bw(doc, MiB))
+        row["second_pass_vs_perftest_1mib"] = ratio(row.get("second_pass_mib_s"), perftest_bw(doc, MiB))
+    lat4k_pt = perftest_lat(doc, 4 * KiB) or {}
     doc["ratios"] = {
         "write_bw_ge_256k": min(known) if known and len(known) == len(per_size) else None,
         "write_bw_4k": ratio(best_rdax_bw(doc, 4 * KiB)[0], perftest_bw(doc, 4 * KiB)),
         "write_flush_lat_4k_p50": lat4k.get("vs_perftest_p50"),
         "write_bw_best_by_size": {str(s): v for s, v in per_size.items()},
+        "write_flush_lat_4k_p50_vs_round_trip": ratio(lat4k.get("p50_us"),
+                                                      2 * lat4k_pt["p50_us"] if lat4k_pt.get("p50_us") else None),
     }
-    doc["ratio_definitions"] = RATIO_DEFINITIONS
+    doc["ratio_definitions"] = {
+        **RATIO_DEFINITIONS,
+        "write_bw_best_by_size": "rdax at its best queue depth / ib_write_bw, per message size >= 256 KiB",
+        "write_flush_lat_4k_p50_vs_round_trip": "rdax write+flush p50 / (2 x ib_write_lat t_typical): against a "
+                                                "full perftest round trip, which is what a completion costs",
+    }
+    doc["twins"] = {
+        "rdax.write_bw, rdax.api_write_bw": "perftest.write_bw at the same message size (vs_perftest)",
+        "rdax.first_touch": "perftest.write_bw at 1 MiB",
+        "rdax.write_flush_lat, rdax.write_lat, rdax.api_write_then_flush_lat":
+            "perftest.write_lat at the same size (vs_perftest_p50, vs_perftest_p99)",
+        "rdax.grant_cost, rdax.server_memory, rdax.control_plane":
+            "none: perftest registers one pinned buffer once, before it starts timing, and has no control plane",
+    }
 
 
 # -- the table ----------------------------------------------------------------------
@@ -128,9 +147,11 @@ def bandwidth_lines(doc: dict) -> list[str]:
         by_depth = {r["depth"]: r.get("bw_mib_s") for r in rdax.get("write_bw", []) if r["size"] == size}
         api = next((r.get("bw_mib_s") for r in rdax.get("api_write_bw", []) if r["size"] == size), None)
         best, _ = best_rdax_bw(doc, size)
-        rows.append([size_label(size), _f(perftest_bw(doc, size)), *[_f(by_depth.get(d)) for d in depths],
+        odp = next((r.get("bw_mib_s") for r in doc.get("perftest", {}).get("write_bw_odp", []) if r["size"] == size),
+                   None)
+        rows.append([size_label(size), _f(perftest_bw(doc, size)), _f(odp), *[_f(by_depth.get(d)) for d in depths],
                      _f(ratio(best, perftest_bw(doc, size)), "{:.2f}"), _f(api)])
-    head = ["size", "ib_write_bw", *[f"rdax qd{d}" for d in depths], "best/perftest", "RemoteFile.write"]
+    head = ["size", "ib_write_bw", "(--odp)", *[f"rdax qd{d}" for d in depths], "best/perftest", "RemoteFile.write"]
     return ["write bandwidth, MiB/s", *_table(head, rows)]
 
 
@@ -196,15 +217,22 @@ def control_lines(doc: dict) -> list[str]:
             *_table(["where", "op", "p50", "p99", "ops/s", "n"], rows)]
 
 
+def first_touch_lines(doc: dict) -> list[str]:
+    rows = [[f"qd{r['depth']}", _f(r.get("first_pass_mib_s")), _f(r.get("second_pass_mib_s"))]
+            for r in doc.get("rdax", {}).get("first_touch", [])]
+    return ["ODP first touch: 1 MiB writes over a fresh 32 MiB grant, MiB/s (ib_write_bw 1 MiB: "
+            f"{_f(perftest_bw(doc, MiB))})", *_table(["depth", "first pass", "second pass"], rows)]
+
+
 def ratio_lines(doc: dict) -> list[str]:
     r = doc.get("ratios", {})
-    return ["ratios (rdax / perftest)",
-            *[f"  {k}: {_f(r.get(k), '{:.3f}')}" for k in ("write_bw_ge_256k", "write_bw_4k", "write_flush_lat_4k_p50")]]
+    keys = ["write_bw_ge_256k", "write_bw_4k", "write_flush_lat_4k_p50", "write_flush_lat_4k_p50_vs_round_trip"]
+    return ["ratios (rdax / perftest)", *[f"  {k}: {_f(r.get(k), '{:.3f}')}" for k in keys]]
 
 
 def table(doc: dict) -> str:
-    sections = [bandwidth_lines(doc), latency_lines(doc), registration_lines(doc), memory_lines(doc),
-                control_lines(doc), ratio_lines(doc)]
+    sections = [bandwidth_lines(doc), first_touch_lines(doc), latency_lines(doc), registration_lines(doc),
+                memory_lines(doc), control_lines(doc), ratio_lines(doc)]
     if doc.get("problems"):
         sections.append(["problems", *[f"  {p}" for p in doc["problems"]]])
     return "\n\n".join("\n".join(s) for s in sections)

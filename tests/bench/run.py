@@ -49,6 +49,13 @@ WHERE_GUEST = ("lab guest: qemu TCG (software-emulated CPU, 2 vCPUs), soft-RoCE 
                "MTU 9000 / path MTU 4096, client namespace -> storage namespace")
 
 
+T0 = time.monotonic()
+
+
+def say(what: str) -> None:
+    print(f"[{time.monotonic() - T0:5.0f} s] bench: {what}", flush=True)
+
+
 class Budget:
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
@@ -59,7 +66,7 @@ class Budget:
 
 class Problems(list):
     def note(self, what: str) -> None:
-        print(f"bench: {what}", file=sys.stderr, flush=True)
+        say(what)
         self.append(what)
 
 
@@ -174,7 +181,7 @@ def run_perftest(doc: dict, lab: dict, args, budget: Budget, problems: Problems,
     version = subprocess.run(["ib_write_bw", "--version"], capture_output=True, text=True).stdout.strip()
     pt = doc["perftest"] = {"version": version, "gid_index": {storage.device: storage.gid_index,
                                                               client.device: client.gid_index},
-                            "where": WHERE_GUEST, "write_bw": [], "write_lat": []}
+                            "where": WHERE_GUEST, "write_bw": [], "write_bw_odp": [], "write_lat": []}
     with open(logs / "perftest.log", "w") as log:
         runner = Perftest(storage, client, lab["RDAX_STORAGE_IP"], log)
         for size in BW_SIZES:
@@ -185,9 +192,21 @@ def run_perftest(doc: dict, lab: dict, args, budget: Budget, problems: Problems,
             try:
                 row = runner.run("ib_write_bw", size, iters)
                 pt["write_bw"].append(row)
-                print(f"bench: ib_write_bw {size_label(size):>7}: {row['bw_mib_s']:.1f} MiB/s", flush=True)
+                say(f"ib_write_bw {size_label(size):>7}: {row['bw_mib_s']:.1f} MiB/s")
             except Exception as exc:  # noqa: BLE001 - a missing baseline is reported, not fatal
                 problems.note(f"ib_write_bw {size_label(size)}: {exc}")
+        # The same, with the target buffer registered ON_DEMAND as rdax's grants are (anonymous memory, not
+        # DAX): tells the cost of ODP in rxe's responder apart from the cost of rdax.
+        for size in BW_SIZES:
+            iters = max(16, BW_ITERS[size] // args.scale)
+            if budget.left() < 60 or args.no_odp_baseline:
+                continue
+            try:
+                row = runner.run("ib_write_bw", size, iters, ["--odp"])
+                pt["write_bw_odp"].append(row)
+                say(f"ib_write_bw --odp {size_label(size):>7}: {row['bw_mib_s']:.1f} MiB/s")
+            except Exception as exc:  # noqa: BLE001
+                problems.note(f"ib_write_bw --odp {size_label(size)} (supplementary): {exc}")
         for size in LAT_SIZES:
             if budget.left() < 60:
                 problems.note(f"perftest ib_write_lat {size_label(size)} skipped: out of time")
@@ -195,11 +214,12 @@ def run_perftest(doc: dict, lab: dict, args, budget: Budget, problems: Problems,
             try:
                 row = runner.run("ib_write_lat", size, max(100, LAT_ITERS // args.scale))
                 pt["write_lat"].append(row)
-                print(f"bench: ib_write_lat {size_label(size):>7}: p50 {row['p50_us']:.1f} us, "
-                      f"p99 {row['p99_us']:.1f} us", flush=True)
+                say(f"ib_write_lat {size_label(size):>7}: p50 {row['p50_us']:.1f} us, "
+                    f"p99 {row['p99_us']:.1f} us")
             except Exception as exc:  # noqa: BLE001
                 problems.note(f"ib_write_lat {size_label(size)}: {exc}")
-    pt["note"] = ("ib_write_bw: sender-side average MiB/s, tx depth min(128, iters), one QP; ib_write_lat: "
+    pt["note"] = ("ib_write_bw: sender-side average MiB/s, tx depth min(128, iters), one QP; write_bw_odp: the "
+                  "same with --odp (both buffers ON_DEMAND), a supplementary baseline, not a twin; ib_write_lat: "
                   "t_typical (median) and 99% percentile of half a ping-pong round trip")
 
 
@@ -210,11 +230,13 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
                           "write_bw": [], "api_write_bw": [], "first_touch": [], "write_flush_lat": [],
                           "write_lat": [], "api_write_then_flush_lat": []}
     server = Server(lab, root, logs / "server.log")
+    say(f"rdax-server listening on {server.target} (pid {server.pid})")
     peer = None
     try:
         time.sleep(1.0)
         idle = rss(server.pid)
         peer = Peer(lab, server.target, logs / "peer.log")
+        say("rdax peer up in the client namespace")
         secs = args.seconds
 
         def call(op: str, need: float, **kw) -> dict | None:
@@ -233,14 +255,15 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
             row = call("open_bw", 30, depth=depth)
             if row:
                 rdax["first_touch"].append(row)
+                say(f"rdax qd{depth}: first pass over a fresh 32 MiB grant {row['first_pass_mib_s']:.1f} MiB/s, "
+                    f"second {row['second_pass_mib_s']:.1f} MiB/s")
         for size in BW_SIZES:
             for depth in DEPTHS:
                 if depth in {r["depth"] for r in rdax["first_touch"]}:
                     row = call("write_bw", secs * 3 + 10, size=size, depth=depth, seconds=secs)
                     if row:
                         rdax["write_bw"].append(row)
-                        print(f"bench: rdax write {size_label(size):>7} qd{depth:<2}: {row['bw_mib_s']:.1f} MiB/s",
-                              flush=True)
+                        say(f"rdax write {size_label(size):>7} qd{depth:<2}: {row['bw_mib_s']:.1f} MiB/s")
             if 64 in {r["depth"] for r in rdax["first_touch"]}:
                 row = call("api_write_bw", secs * 2 + 10, size=size, seconds=secs, depth=64)
                 if row:
@@ -251,18 +274,20 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
                 row = call("latency", secs * 2 + 15, mode=mode, size=size, iters=args.lat_iters, seconds=secs)
                 if row:
                     rdax[key].append(row)
-                    print(f"bench: rdax {mode} {size_label(size):>7}: p50 {row['p50_us']:.1f} us, "
-                          f"p99 {row['p99_us']:.1f} us", flush=True)
+                    say(f"rdax {mode} {size_label(size):>7}: p50 {row['p50_us']:.1f} us, "
+                        f"p99 {row['p99_us']:.1f} us")
 
         cost = call("grant_cost", 60, sizes=GRANT_SIZES, reps=args.grant_reps, seconds=secs)
         if cost:
             cost["where"] = rdax["where"] + "; timed in the client around the RPC"
             rdax["grant_cost"] = cost
+            points = ", ".join(f"{size_label(p['size'])} {p['grant_ms_p50']} ms" for p in cost["points"])
+            say(f"Grant p50 by size: {points}")
 
         mem = rdax["server_memory"] = {"idle_kib": idle.get("VmRSS_kib"), "idle": idle, "pid": server.pid}
         mem["after_writes"] = rss(server.pid)
         before = rss(server.pid)
-        if call("sessions_open", 60, n=args.mem_sessions):
+        if call("sessions_open", 60, n=args.mem_sessions) is not None:
             time.sleep(1.0)
             after = rss(server.pid)
             delta = after["VmRSS_kib"] - before["VmRSS_kib"]
@@ -272,10 +297,11 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
             call("sessions_close", 60)
             time.sleep(1.0)
             mem["per_session"]["after_close"] = rss(server.pid)
-        if call("mem_prepare", 60, file_length=64 * MiB):
+            say(f"node VmRSS per session: {mem['per_session']['kib_each']} KiB")
+        if call("mem_prepare", 60, file_length=64 * MiB) is not None:
             for length in (MiB, 64 * MiB):
                 before = rss(server.pid)
-                if not call("grants_open", 60, n=args.mem_grants, length=length):
+                if call("grants_open", 60, n=args.mem_grants, length=length) is None:
                     continue
                 time.sleep(1.0)
                 after = rss(server.pid)
@@ -285,6 +311,7 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
                             "kib_each": round(delta / args.mem_grants, 1), "before": before, "after": after,
                             "detail": f"{size_label(length)} ODP memory regions over one sealed 64 MiB file, "
                                       f"not yet written through"}
+                say(f"node VmRSS per {size_label(length)} grant: {mem[key]['kib_each']} KiB")
                 call("grants_close", 60)
         mem["where"] = rdax["where"] + "; VmRSS etc. from /proc/<rdax-server pid>/status"
 
@@ -292,6 +319,8 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
         if cp:
             cp["where"] = WHERE_GUEST + "; rdax.client Session -> rdax-server over gRPC/TCP, real ODP registration"
             rdax["control_plane"] = {"guest": cp}
+            say("control plane: " + ", ".join(f"{op} p50 {v['p50_us'] / 1e3:.1f} ms"
+                                              for op, v in cp["latency"].items()))
 
         prof = call("profile", secs * 4 + 30, seconds=secs)
         if prof:
@@ -322,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-grants", type=int, default=64)
     parser.add_argument("--cp-max-ops", type=int, default=200)
     parser.add_argument("--skip-perftest", action="store_true")
+    parser.add_argument("--no-odp-baseline", action="store_true", help="skip ib_write_bw --odp")
     args = parser.parse_args(argv)
 
     lab = dict(os.environ)

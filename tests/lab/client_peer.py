@@ -24,6 +24,13 @@ class ClientPeer:
     def __init__(self, target: str) -> None:
         self.session = connect(target)
         self.files: dict[str, object] = {}
+        self.notified_at: dict[str, float] = {}   # grant id -> CLOCK_MONOTONIC when Watch told us
+        self.session.on_revoke.append(self._on_revoke)
+
+    def _on_revoke(self, event) -> None:
+        now = time.monotonic()
+        for grant_id in event.grant_ids:
+            self.notified_at.setdefault(grant_id, now)
 
     def open(self, name: str, path: str, length: int, access: int = 15, offset: int = 0,
              grant_length: int | None = None) -> dict:
@@ -76,7 +83,8 @@ class ClientPeer:
         while grant_id not in self.session.revoked and time.monotonic() < deadline:
             time.sleep(0.05)
         exc = self.session.revoked.get(grant_id)
-        return {"revoked": exc is not None, "reason": exc.reason if exc else "", "epoch": exc.epoch if exc else 0}
+        return {"revoked": exc is not None, "reason": exc.reason if exc else "", "epoch": exc.epoch if exc else 0,
+                "notified_at": self.notified_at.get(grant_id, 0.0)}
 
     def state(self) -> dict:
         return {"state": self.session.conn.state()}

@@ -47,12 +47,31 @@ def sha256_of(path) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def shared_server(lab):
+    """One server for every breaker (each breaks its own file): starting one takes seconds."""
+    from conftest import Server
+    root = Path(lab["RDAX_DAX_MOUNT"]) / f"revoke-{time.monotonic_ns()}"
+    root.mkdir()
+    server = Server(lab, root, 7900)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def streaming_client(lab, shared_server):
+    from conftest import Client
+    client = Client(lab, shared_server.target)
+    yield client
+    client.close()
+
+
 @pytest.mark.parametrize("breaker", sorted(BREAKERS))
-def test_revoke_breaker_while_streaming(server, clients, breaker):
-    (client,) = clients(1)
-    grant = client.call("open", name="f", path="victim", length=LENGTH)
+def test_revoke_breaker_while_streaming(shared_server, streaming_client, breaker):
+    server, client = shared_server, streaming_client
+    grant = client.call("open", name="f", path=f"victim-{breaker}", length=LENGTH)
     assert grant["ok"], grant
-    path = server.root / "victim"
+    path = server.root / f"victim-{breaker}"
     client.send("stream", name="f")     # the client now writes 64 KiB after 64 KiB, until stopped
     time.sleep(2.0)
     argv = [a.format(path=path) for a in BREAKERS[breaker]]
@@ -70,11 +89,12 @@ def test_revoke_breaker_while_streaming(server, clients, breaker):
     assert stream["writes"] > 0, "the client never wrote before the break"
 
     # After the revocation: nothing more lands, whatever the client tries.
-    live = path if path.exists() else next(server.root.glob("victim*"), None)
+    live = path if path.exists() else next(server.root.glob(f"victim-{breaker}.*"), None)
     if live is not None:
         before = sha256_of(live)
         # Straight at the old rkey, past the library's own GrantRevoked check.
-        retry = client.call("raw_write", rkey=grant["rkey"], remote_addr=grant["remote_addr"], length=65536, seed=99)
+        retry = client.call("raw_write", rkey=grant["rkey"], remote_addr=grant["remote_addr"],
+                            length=65536, seed=99)
         assert not retry["ok"], retry
         time.sleep(1.0)
         assert sha256_of(live) == before, "bytes landed after the revocation"
