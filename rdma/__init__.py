@@ -7,9 +7,10 @@ from .connection import Chunk, Connection, EndpointInfo, REM_ACCESS_ERR
 from .device import Device, find_device, list_devices, open_device
 from .errors import ConnectError, DeviceNotFound, RegistrationError, VerbsError, WorkCompletionError
 from .mr import Access, LocalBuffer, MemoryRegion, register
+from .mw import MemoryWindow
 
 __all__ = [
     "Access", "Chunk", "ConnectError", "Connection", "Device", "DeviceNotFound", "EndpointInfo",
-    "LocalBuffer", "MemoryRegion", "REM_ACCESS_ERR", "RegistrationError", "VerbsError",
+    "LocalBuffer", "MemoryRegion", "MemoryWindow", "REM_ACCESS_ERR", "RegistrationError", "VerbsError",
     "WorkCompletionError", "find_device", "list_devices", "open_device", "register",
 ]

@@ -96,13 +96,13 @@ def _reg(pd: PD, addr: int, length: int, flags: int) -> MR:
 
 
 def register(pd: PD, addr: int, length: int, access: Access, pinned: bool = True,
-             odp_fallback: bool = True) -> MemoryRegion:
+             odp_fallback: bool = True, mw_bind: bool = False) -> MemoryRegion:
     """Register [addr, addr+length) with `access`, pinned first, ODP as fallback.
 
     fsdax refuses long-term pins (EOPNOTSUPP), so DAX mappings end up ODP:
     the same fallback librpma makes ("maybe FSDAX?").
     """
-    flags = access.ibv_flags()
+    flags = access.ibv_flags() | (e.IBV_ACCESS_MW_BIND if mw_bind else 0)
     if pinned:
         try:
             return MemoryRegion(_reg(pd, addr, length, flags), addr, length, access, odp=False)

@@ -4,11 +4,14 @@ Runs in the lab guest's root namespace and drives both sides itself:
 
     python tests/bench/run.py --out results/bench.json
 
-1. perftest baselines: ib_write_bw (4 KiB .. 4 MiB) and ib_write_lat (64 B, 4 KiB, 64 KiB), server in the
-   storage namespace, client in the client namespace, IPv4 RoCE v2 GIDs.
-2. rdax-server in the storage namespace (export root on the DAX mount), tests/bench/rdax_peer.py in the
-   client namespace: write bandwidth at queue depth 1/8/64, write+FLUSH latency, Grant cost against size,
-   node memory per session and per grant, control-plane latency and throughput, a cProfile of the loops.
+1. rdax-server in the storage namespace (export root on the DAX mount), tests/bench/rdax_peer.py in the
+   client namespace, and perftest pairs (server in the storage namespace, client in the client namespace,
+   IPv4 RoCE v2 GIDs), measured side by side in time so that both see the same host:
+   - write bandwidth, 4 KiB .. 4 MiB, in --rounds rounds of: ib_write_bw, ib_write_bw --odp, rdax at queue
+     depth 1/8/64, RemoteFile.write; the figures are the medians over rounds;
+   - latency, 64 B / 4 KiB / 64 KiB: ib_write_lat, then rdax write+FLUSH, write, RemoteFile.write;flush;
+2. rdax alone: Grant cost against size, node memory per session and per grant, control-plane latency and
+   throughput, a cProfile of the client loops.
 3. Ratios to the perftest twins, results/bench.json, a plain table on stdout.
 
 Every step is bounded (--budget seconds in all; each call has its own timeout): a step that would not fit
@@ -23,6 +26,7 @@ import os
 import platform
 import select
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -175,136 +179,175 @@ class Peer:
 
 
 # -- the steps ---------------------------------------------------------------------------
-def run_perftest(doc: dict, lab: dict, args, budget: Budget, problems: Problems, logs: Path) -> None:
-    storage = Side(lab["RDAX_STORAGE_NS"], lab["RDAX_STORAGE_DEV"], roce_v2_ipv4_gid_index(lab["RDAX_STORAGE_DEV"]))
-    client = Side(lab["RDAX_CLIENT_NS"], lab["RDAX_CLIENT_DEV"], roce_v2_ipv4_gid_index(lab["RDAX_CLIENT_DEV"]))
-    version = subprocess.run(["ib_write_bw", "--version"], capture_output=True, text=True).stdout.strip()
-    pt = doc["perftest"] = {"version": version, "gid_index": {storage.device: storage.gid_index,
-                                                              client.device: client.gid_index},
-                            "where": WHERE_GUEST, "write_bw": [], "write_bw_odp": [], "write_lat": []}
-    with open(logs / "perftest.log", "w") as log:
-        runner = Perftest(storage, client, lab["RDAX_STORAGE_IP"], log)
-        for size in BW_SIZES:
-            iters = max(16, BW_ITERS[size] // args.scale)
-            if budget.left() < 60:
-                problems.note(f"perftest ib_write_bw {size_label(size)} skipped: out of time")
-                continue
-            try:
-                row = runner.run("ib_write_bw", size, iters)
-                pt["write_bw"].append(row)
-                say(f"ib_write_bw {size_label(size):>7}: {row['bw_mib_s']:.1f} MiB/s")
-            except Exception as exc:  # noqa: BLE001 - a missing baseline is reported, not fatal
-                problems.note(f"ib_write_bw {size_label(size)}: {exc}")
-        # The same, with the target buffer registered ON_DEMAND as rdax's grants are (anonymous memory, not
-        # DAX): tells the cost of ODP in rxe's responder apart from the cost of rdax.
-        for size in BW_SIZES:
-            iters = max(16, BW_ITERS[size] // args.scale)
-            if budget.left() < 60 or args.no_odp_baseline:
-                continue
-            try:
-                row = runner.run("ib_write_bw", size, iters, ["--odp"])
-                pt["write_bw_odp"].append(row)
-                say(f"ib_write_bw --odp {size_label(size):>7}: {row['bw_mib_s']:.1f} MiB/s")
-            except Exception as exc:  # noqa: BLE001
-                problems.note(f"ib_write_bw --odp {size_label(size)} (supplementary): {exc}")
-        for size in LAT_SIZES:
-            if budget.left() < 60:
-                problems.note(f"perftest ib_write_lat {size_label(size)} skipped: out of time")
-                continue
-            try:
-                row = runner.run("ib_write_lat", size, max(100, LAT_ITERS // args.scale))
-                pt["write_lat"].append(row)
-                say(f"ib_write_lat {size_label(size):>7}: p50 {row['p50_us']:.1f} us, "
-                    f"p99 {row['p99_us']:.1f} us")
-            except Exception as exc:  # noqa: BLE001
-                problems.note(f"ib_write_lat {size_label(size)}: {exc}")
-    pt["note"] = ("ib_write_bw: sender-side average MiB/s, tx depth min(128, iters), one QP; write_bw_odp: the "
-                  "same with --odp (both buffers ON_DEMAND), a supplementary baseline, not a twin; ib_write_lat: "
-                  "t_typical (median) and 99% percentile of half a ping-pong round trip")
+def median_row(rounds: list[dict], key: str) -> dict:
+    """The first round's row with `key` replaced by the median over rounds, and every round kept."""
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    out = {**rounds[0], key: round(statistics.median(values), 2) if values else None,
+           f"{key}_rounds": values, "rounds": rounds}
+    return out
 
 
-def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, logs: Path) -> None:
-    root = Path(lab["RDAX_DAX_MOUNT"]) / "bench"
-    root.mkdir(exist_ok=True)
-    rdax = doc["rdax"] = {"where": WHERE_GUEST + "; rdax-server exporting " + str(root) + " (XFS dax=always)",
-                          "write_bw": [], "api_write_bw": [], "first_touch": [], "write_flush_lat": [],
-                          "write_lat": [], "api_write_then_flush_lat": []}
-    server = Server(lab, root, logs / "server.log")
-    say(f"rdax-server listening on {server.target} (pid {server.pid})")
-    peer = None
-    try:
+class Run:
+    """One bench run: the perftest runner, rdax-server and the rdax peer, and the document they fill."""
+
+    def __init__(self, doc: dict, lab: dict, args, budget: Budget, problems: Problems, logs: Path) -> None:
+        self.doc, self.lab, self.args, self.budget, self.problems, self.logs = doc, lab, args, budget, problems, logs
+        self.secs = args.seconds
+        self.peer: Peer | None = None
+
+    # perftest ----------------------------------------------------------------------------
+    def perftest_setup(self) -> None:
+        lab = self.lab
+        storage = Side(lab["RDAX_STORAGE_NS"], lab["RDAX_STORAGE_DEV"],
+                       roce_v2_ipv4_gid_index(lab["RDAX_STORAGE_DEV"]))
+        client = Side(lab["RDAX_CLIENT_NS"], lab["RDAX_CLIENT_DEV"], roce_v2_ipv4_gid_index(lab["RDAX_CLIENT_DEV"]))
+        version = subprocess.run(["ib_write_bw", "--version"], capture_output=True, text=True).stdout.strip()
+        self.doc["perftest"] = {
+            "version": version, "gid_index": {storage.device: storage.gid_index, client.device: client.gid_index},
+            "where": WHERE_GUEST, "write_bw": [], "write_bw_odp": [], "write_lat": [],
+            "note": "ib_write_bw: sender-side average MiB/s, tx depth min(128, iters), one QP, -F; write_bw_odp: "
+                    "the same with --odp (buffers registered ON_DEMAND, as rdax's grants are), a supplementary "
+                    "baseline, not a twin; ib_write_lat: t_typical (median) and 99% percentile of half a "
+                    "ping-pong round trip. rdax-server and the rdax peer sit idle meanwhile (about 2 % of a vCPU)"}
+        self.perftest_log = open(self.logs / "perftest.log", "w")
+        self.runner = Perftest(storage, client, lab["RDAX_STORAGE_IP"], self.perftest_log)
+
+    def perftest(self, tool: str, size: int, iters: int, extra: list[str] | None = None) -> dict | None:
+        label = f"{tool}{' ' + ' '.join(extra) if extra else ''} {size_label(size)}"
+        if self.budget.left() < 60:
+            self.problems.note(f"{label} skipped: out of time")
+            return None
+        try:
+            row = self.runner.run(tool, size, iters, extra)
+        except Exception as exc:  # noqa: BLE001 - a missing baseline is reported, not fatal
+            self.problems.note(f"{label}: {exc}")
+            return None
+        if "bw" in tool:
+            say(f"{label:>26}: {row['bw_mib_s']:.1f} MiB/s")
+        else:
+            say(f"{label:>26}: p50 {row['p50_us']:.1f} us, p99 {row['p99_us']:.1f} us")
+        return row
+
+    # rdax ---------------------------------------------------------------------------------
+    def rdax_setup(self) -> None:
+        root = Path(self.lab["RDAX_DAX_MOUNT"]) / "bench"
+        root.mkdir(exist_ok=True)
+        self.rdax = self.doc["rdax"] = {
+            "where": WHERE_GUEST + "; rdax-server exporting " + str(root) + " (XFS dax=always)",
+            "write_bw": [], "api_write_bw": [], "first_touch": [], "write_flush_lat": [], "write_lat": [],
+            "api_write_then_flush_lat": []}
+        self.server = Server(self.lab, root, self.logs / "server.log")
+        say(f"rdax-server listening on {self.server.target} (pid {self.server.pid})")
         time.sleep(1.0)
-        idle = rss(server.pid)
-        peer = Peer(lab, server.target, logs / "peer.log")
+        self.idle = rss(self.server.pid)
+        self.peer = Peer(self.lab, self.server.target, self.logs / "peer.log")
         say("rdax peer up in the client namespace")
-        secs = args.seconds
 
-        def call(op: str, need: float, **kw) -> dict | None:
-            if budget.left() < need:
-                problems.note(f"{op}({kw}) skipped: out of time ({budget.left():.0f} s left)")
-                return None
-            try:
-                return peer.call(op, timeout=max(need * 4, 60), **kw)
-            except PeerError as exc:
-                problems.note(str(exc))
-                if peer.proc.poll() is not None or "within" in str(exc):
-                    raise
-                return None
+    def call(self, op: str, need: float, **kw) -> dict | None:
+        """One peer call, if `need` seconds are left; a failed call is noted and answers None."""
+        if self.peer is None:
+            return None
+        if self.budget.left() < need:
+            self.problems.note(f"{op}({kw}) skipped: out of time ({self.budget.left():.0f} s left)")
+            return None
+        try:
+            return self.peer.call(op, timeout=max(need * 4, 60), **kw)
+        except PeerError as exc:
+            self.problems.note(str(exc))
+            if self.peer.proc.poll() is not None or "within" in str(exc):
+                raise   # the peer is gone or stuck: nothing more from it
+            return None
 
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+        if getattr(self, "server", None) is not None:
+            self.server.stop()
+        if getattr(self, "perftest_log", None) is not None:
+            self.perftest_log.close()
+
+    # the plan ------------------------------------------------------------------------------
+    def bandwidth(self) -> None:
+        """Rounds of: per size, ib_write_bw, ib_write_bw --odp, rdax at each depth, RemoteFile.write — side by
+        side in time, so that both see the same host; the medians over rounds are the figures."""
+        args, secs = self.args, self.secs
         for depth in DEPTHS:
-            row = call("open_bw", 30, depth=depth)
+            row = self.call("open_bw", 30, depth=depth)
             if row:
-                rdax["first_touch"].append(row)
+                self.rdax["first_touch"].append(row)
                 say(f"rdax qd{depth}: first pass over a fresh 32 MiB grant {row['first_pass_mib_s']:.1f} MiB/s, "
                     f"second {row['second_pass_mib_s']:.1f} MiB/s")
-        for size in BW_SIZES:
-            for depth in DEPTHS:
-                if depth in {r["depth"] for r in rdax["first_touch"]}:
-                    row = call("write_bw", secs * 3 + 10, size=size, depth=depth, seconds=secs)
-                    if row:
-                        rdax["write_bw"].append(row)
-                        say(f"rdax write {size_label(size):>7} qd{depth:<2}: {row['bw_mib_s']:.1f} MiB/s")
-            if 64 in {r["depth"] for r in rdax["first_touch"]}:
-                row = call("api_write_bw", secs * 2 + 10, size=size, seconds=secs, depth=64)
+        depths = [r["depth"] for r in self.rdax["first_touch"]]
+        pt, odp, rd, api = {}, {}, {}, {}
+        for rnd in range(args.rounds):
+            say(f"bandwidth round {rnd + 1} of {args.rounds}")
+            for size in BW_SIZES:
+                iters = max(16, BW_ITERS[size] // args.scale)
+                if (row := self.perftest("ib_write_bw", size, iters)) is not None:
+                    pt.setdefault(size, []).append(row)
+                if not args.no_odp_baseline and (row := self.perftest("ib_write_bw", size, iters, ["--odp"])):
+                    odp.setdefault(size, []).append(row)
+                for depth in depths:
+                    if row := self.call("write_bw", secs * 3 + 10, size=size, depth=depth, seconds=secs):
+                        rd.setdefault((size, depth), []).append(row)
+                        say(f"{f'rdax qd{depth} {size_label(size)}':>26}: {row['bw_mib_s']:.1f} MiB/s")
+                if 64 in depths and (row := self.call("api_write_bw", secs * 2 + 10, size=size, seconds=secs)):
+                    api.setdefault(size, []).append(row)
+                    say(f"{f'RemoteFile.write {size_label(size)}':>26}: {row['bw_mib_s']:.1f} MiB/s")
+        self.doc["perftest"]["write_bw"] = [median_row(pt[s], "bw_mib_s") for s in BW_SIZES if s in pt]
+        self.doc["perftest"]["write_bw_odp"] = [median_row(odp[s], "bw_mib_s") for s in BW_SIZES if s in odp]
+        self.rdax["write_bw"] = [median_row(rd[k], "bw_mib_s") for k in sorted(rd)]
+        self.rdax["api_write_bw"] = [median_row(api[s], "bw_mib_s") for s in BW_SIZES if s in api]
+
+    def latency(self) -> None:
+        """Per size: ib_write_lat, then rdax write+flush, write, RemoteFile.write;flush."""
+        args = self.args
+        for size in LAT_SIZES:
+            iters = max(100, (LAT_ITERS if size <= 4 * KiB else LAT_ITERS // 2) // args.scale)
+            if (row := self.perftest("ib_write_lat", size, iters)) is not None:
+                self.doc["perftest"]["write_lat"].append(row)
+            for mode, key in (("write_flush", "write_flush_lat"), ("write", "write_lat"),
+                              ("api_write_then_flush", "api_write_then_flush_lat")):
+                row = self.call("latency", self.secs * 2 + 15, mode=mode, size=size, iters=args.lat_iters,
+                                seconds=self.secs)
                 if row:
-                    rdax["api_write_bw"].append(row)
-        for mode, key in (("write_flush", "write_flush_lat"), ("write", "write_lat"),
-                          ("api_write_then_flush", "api_write_then_flush_lat")):
-            for size in LAT_SIZES:
-                row = call("latency", secs * 2 + 15, mode=mode, size=size, iters=args.lat_iters, seconds=secs)
-                if row:
-                    rdax[key].append(row)
-                    say(f"rdax {mode} {size_label(size):>7}: p50 {row['p50_us']:.1f} us, "
+                    self.rdax[key].append(row)
+                    say(f"{f'rdax {mode} {size_label(size)}':>26}: p50 {row['p50_us']:.1f} us, "
                         f"p99 {row['p99_us']:.1f} us")
 
-        cost = call("grant_cost", 60, sizes=GRANT_SIZES, reps=args.grant_reps, seconds=secs)
+    def registration(self) -> None:
+        cost = self.call("grant_cost", 60, sizes=GRANT_SIZES, reps=self.args.grant_reps, seconds=self.secs)
         if cost:
-            cost["where"] = rdax["where"] + "; timed in the client around the RPC"
-            rdax["grant_cost"] = cost
+            cost["where"] = self.rdax["where"] + "; timed in the client around the RPC"
+            self.rdax["grant_cost"] = cost
             points = ", ".join(f"{size_label(p['size'])} {p['grant_ms_p50']} ms" for p in cost["points"])
             say(f"Grant p50 by size: {points}")
 
-        mem = rdax["server_memory"] = {"idle_kib": idle.get("VmRSS_kib"), "idle": idle, "pid": server.pid}
-        mem["after_writes"] = rss(server.pid)
-        before = rss(server.pid)
-        if call("sessions_open", 60, n=args.mem_sessions) is not None:
+    def memory(self) -> None:
+        if self.peer is None:
+            return
+        args, pid = self.args, self.server.pid
+        mem = self.rdax["server_memory"] = {"idle_kib": self.idle.get("VmRSS_kib"), "idle": self.idle, "pid": pid,
+                                            "after_writes": rss(pid)}
+        before = rss(pid)
+        if self.call("sessions_open", 60, n=args.mem_sessions) is not None:
             time.sleep(1.0)
-            after = rss(server.pid)
+            after = rss(pid)
             delta = after["VmRSS_kib"] - before["VmRSS_kib"]
             mem["per_session"] = {"count": args.mem_sessions, "delta_kib": delta,
                                   "kib_each": round(delta / args.mem_sessions, 1), "before": before, "after": after,
                                   "detail": "PD + RC QP + CQ on rxe_storage, a Watch stream (one server thread)"}
-            call("sessions_close", 60)
+            self.call("sessions_close", 60)
             time.sleep(1.0)
-            mem["per_session"]["after_close"] = rss(server.pid)
+            mem["per_session"]["after_close"] = rss(pid)
             say(f"node VmRSS per session: {mem['per_session']['kib_each']} KiB")
-        if call("mem_prepare", 60, file_length=64 * MiB) is not None:
+        if self.call("mem_prepare", 60, file_length=64 * MiB) is not None:
             for length in (MiB, 64 * MiB):
-                before = rss(server.pid)
-                if call("grants_open", 60, n=args.mem_grants, length=length) is None:
+                before = rss(pid)
+                if self.call("grants_open", 60, n=args.mem_grants, length=length) is None:
                     continue
                 time.sleep(1.0)
-                after = rss(server.pid)
+                after = rss(pid)
                 delta = after["VmRSS_kib"] - before["VmRSS_kib"]
                 key = "per_grant" if length == MiB else "per_grant_64mib"
                 mem[key] = {"count": args.mem_grants, "grant_length": length, "delta_kib": delta,
@@ -312,45 +355,42 @@ def run_rdax(doc: dict, lab: dict, args, budget: Budget, problems: Problems, log
                             "detail": f"{size_label(length)} ODP memory regions over one sealed 64 MiB file, "
                                       f"not yet written through"}
                 say(f"node VmRSS per {size_label(length)} grant: {mem[key]['kib_each']} KiB")
-                call("grants_close", 60)
-        mem["where"] = rdax["where"] + "; VmRSS etc. from /proc/<rdax-server pid>/status"
+                self.call("grants_close", 60)
+        mem["where"] = self.rdax["where"] + "; VmRSS etc. from /proc/<rdax-server pid>/status"
 
-        cp = call("control_plane", secs * 8 + 30, seconds=secs, threads=4, max_ops=args.cp_max_ops)
+    def control_plane(self) -> None:
+        cp = self.call("control_plane", self.secs * 8 + 30, seconds=self.secs, threads=4,
+                       max_ops=self.args.cp_max_ops)
         if cp:
             cp["where"] = WHERE_GUEST + "; rdax.client Session -> rdax-server over gRPC/TCP, real ODP registration"
-            rdax["control_plane"] = {"guest": cp}
+            self.rdax["control_plane"] = {"guest": cp}
             say("control plane: " + ", ".join(f"{op} p50 {v['p50_us'] / 1e3:.1f} ms"
                                               for op, v in cp["latency"].items()))
 
-        prof = call("profile", secs * 4 + 30, seconds=secs)
+    def profile(self) -> None:
+        prof = self.call("profile", self.secs * 4 + 30, seconds=self.secs)
         if prof:
-            with open(logs / "profile.txt", "w") as f:
+            with open(self.logs / "profile.txt", "w") as f:
                 for name, p in prof.items():
                     f.write(f"== {name}: {json.dumps(p['figures'])}\n{p['top']}\n")
-            doc["profile"] = {name: {"figures": p["figures"], "own_time_s": p["buckets_s"]}
-                              for name, p in prof.items()}
-            doc["profile"]["where"] = "cProfile in the client process (slows the loop down; read the shares)"
-            doc["profile"]["full_text"] = str(logs / "profile.txt")
-    except PeerError:
-        pass   # already noted; write what there is
-    finally:
-        if peer is not None:
-            peer.close()
-        server.stop()
+            self.doc["profile"] = {name: {"figures": p["figures"], "own_time_s": p["buckets_s"]}
+                                   for name, p in prof.items()}
+            self.doc["profile"]["where"] = "cProfile in the client process (slows the loop down; read the shares)"
+            self.doc["profile"]["full_text"] = str(self.logs / "profile.txt")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/bench.json")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for everything (default %(default)s)")
+    parser.add_argument("--budget", type=float, default=480, help="seconds for everything (default %(default)s)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per bandwidth/latency point (default %(default)s)")
     parser.add_argument("--scale", type=int, default=1, help="divide perftest iterations by this (smoke runs)")
     parser.add_argument("--lat-iters", type=int, default=500)
     parser.add_argument("--grant-reps", type=int, default=7)
-    parser.add_argument("--mem-sessions", type=int, default=16)
-    parser.add_argument("--mem-grants", type=int, default=64)
+    parser.add_argument("--mem-sessions", type=int, default=8)
+    parser.add_argument("--mem-grants", type=int, default=32)
     parser.add_argument("--cp-max-ops", type=int, default=200)
-    parser.add_argument("--skip-perftest", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="bandwidth rounds; figures are medians (default %(default)s)")
     parser.add_argument("--no-odp-baseline", action="store_true", help="skip ib_write_bw --odp")
     args = parser.parse_args(argv)
 
@@ -377,12 +417,21 @@ def main(argv: list[str] | None = None) -> int:
         "units": {"bw": "MiB/s (2^20 bytes per second)", "latency": "microseconds", "memory": "KiB",
                   "size": "bytes"},
     }
-    if not args.skip_perftest:
-        run_perftest(doc, lab, args, budget, problems, logs)
+    run = Run(doc, lab, args, budget, problems, logs)
     try:
-        run_rdax(doc, lab, args, budget, problems, logs)
-    except Exception as exc:  # noqa: BLE001 - keep the baselines and whatever rdax figures there are
-        problems.note(f"rdax: {type(exc).__name__}: {exc}")
+        run.perftest_setup()
+        try:
+            run.rdax_setup()
+        except (RuntimeError, OSError, PeerError) as exc:
+            problems.note(f"rdax: {exc}")   # the perftest figures still come
+        for step in (run.bandwidth, run.latency, run.registration, run.memory, run.control_plane, run.profile):
+            step()
+    except PeerError:
+        pass   # noted already: keep what there is
+    except Exception as exc:  # noqa: BLE001 - keep whatever figures there are
+        problems.note(f"{type(exc).__name__}: {exc}")
+    finally:
+        run.close()
     attach_ratios(doc)
     doc["guest"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     doc["elapsed_s"] = round(time.monotonic() - started, 1)

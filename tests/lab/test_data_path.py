@@ -121,3 +121,25 @@ def test_odp_canary_at_mtu_4096_every_byte_lands(storage, peer):
     assert canary_loss(pattern(5, 64 * 1024), storage.pread(0, 64 * 1024)) == 0
     assert storage.pread(0, 2 * MiB) == pattern(5, 2 * MiB)
     mr.close()
+
+
+def test_memory_window_binds_to_qp_and_invalidates_but_range_is_not_enforced(storage, peer):
+    """Why grants are memory regions: a type-2 window's range is not enforced by rxe."""
+    from rdax.rdma import MemoryWindow
+    storage.connect(peer)
+    mr = register(storage.pd, storage.map.addr, storage.length, Access.WRITE, mw_bind=True)
+    with MemoryWindow(storage.pd) as mw:
+        # A type-2 window is bound by a work request on the QP whose peer will use it.
+        rkey = mw.bind(storage.conn, mr, mr.addr, 64 * 1024, Access.WRITE)
+        inside = peer.call("write", rkey=rkey, raddr=mr.addr, length=4096, seed=31)
+        outside = peer.call("write", rkey=rkey, raddr=mr.addr + MiB, length=4096, seed=32)
+        assert inside["ok"], inside
+        assert storage.pread(0, 4096) == pattern(31, 4096)
+        # LAB-NOTES.md: rxe lets this through; if it ever fails, windows became usable for grants.
+        assert outside["ok"], f"rxe now enforces memory-window ranges: {outside}"
+        assert storage.pread(MiB, 4096) == pattern(32, 4096)
+        mw.invalidate(storage.conn)
+        after = peer.call("write", rkey=rkey, raddr=mr.addr + 8192, length=4096, seed=33)
+        assert not after["ok"] and after["status"] == REM_ACCESS_ERR, after
+        assert storage.pread(8192, 4096) == bytes(4096)
+    mr.close()
