@@ -5,6 +5,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -153,3 +154,12 @@ def open_from_another_process(path: Path, *, block: bool) -> subprocess.Complete
     code = (f"import os, sys\ntry:\n    os.close(os.open(sys.argv[1], {flags}))\n"
             f"except BlockingIOError:\n    sys.exit(11)\n")
     return subprocess.run([sys.executable, "-c", code, str(path)], check=False, timeout=60)
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (CLIENT_ENDPOINT, MIB, PAGE, FakeFabric, is_leased, is_mapped, open_fds,
-                      open_from_another_process)
+                      open_from_another_process, wait_until)
 
 from rdax.service.errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied,
                                  RdaxError, ResourceExhausted, Unavailable)
@@ -22,15 +22,6 @@ RW = ACCESS_WRITE | ACCESS_READ
 
 def session(node: Node, name: str = "c1") -> str:
     return node.open_session(name, CLIENT_ENDPOINT).session_id
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # -- sessions -----------------------------------------------------------------

@@ -4,25 +4,15 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT_ENDPOINT, MIB, PAGE, FakeFabric, is_leased
+from conftest import CLIENT_ENDPOINT, MIB, PAGE, FakeFabric, is_leased, wait_until
 
 from rdax.service.fanotify import FAN_ATTRIB, FAN_MOVE_SELF, SealWatcher, describe, file_key
 from rdax.service.grants import ACCESS_READ, ACCESS_WRITE
 from rdax.service.node import Node
 from rdax.service.sessions import EventKind
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_watcher_reports_other_process_with_key_and_ignores_own(tmp_path: Path) -> None:
