@@ -50,7 +50,7 @@ lab-shell: proto lab
 demo: proto lab
 	lab/run.sh 'bash lab/demo.sh'
 
-# One lab run, one report: perftest and rdax on the same rxe devices (tests/bench/run.py, a 480 s budget; the
+# One lab run, one report: perftest and rdax on the same rxe devices (tests/bench/run.py, a 600 s budget; the
 # guest is stopped at 900 s whatever happens), then the control plane on the host, then the plot.
 bench: proto lab
 	mkdir -p results

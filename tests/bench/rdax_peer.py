@@ -109,17 +109,17 @@ class Bench:
             sent += n
         rate = sent * size / (time.perf_counter() - t0)
         count = max(4, min(200_000, int(seconds * rate / size)))
-        u0, s0 = _cpu()
+        user0, sys0 = _cpu()
         t0 = time.perf_counter()
         self._stream(s, f, size, count, sent)
         elapsed = time.perf_counter() - t0
-        u1, s1 = _cpu()
+        user1, sys1 = _cpu()
         return {"size": size, "depth": depth, "signal_every": s.conn.signal_every, "messages": count,
                 "bytes": count * size, "seconds": round(elapsed, 4),
                 "bw_mib_s": round(count * size / MiB / elapsed, 2),
                 "msg_per_s": round(count / elapsed, 1),
                 "us_per_msg": round(elapsed / count * 1e6, 2),
-                "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3)}
+                "cpu_user_s": round(user1 - user0, 3), "cpu_sys_s": round(sys1 - sys0, 3)}
 
     def api_write_bw(self, size: int, seconds: float, depth: int = 64) -> dict:
         """RemoteFile.write as an application calls it: copy into the staging buffer, 1 MiB work requests,
@@ -128,7 +128,7 @@ class Bench:
         data = os.urandom(size)
         deadline = time.perf_counter() + seconds
         count, off = 0, 0
-        u0, s0 = _cpu()
+        user0, sys0 = _cpu()
         t0 = time.perf_counter()
         while True:
             f.write(off, data)
@@ -137,11 +137,11 @@ class Bench:
             if count >= 4 and time.perf_counter() >= deadline or count >= 200_000:
                 break
         elapsed = time.perf_counter() - t0
-        u1, s1 = _cpu()
+        user1, sys1 = _cpu()
         return {"size": size, "depth": depth, "messages": count, "bytes": count * size,
                 "seconds": round(elapsed, 4), "bw_mib_s": round(count * size / MiB / elapsed, 2),
                 "us_per_msg": round(elapsed / count * 1e6, 2),
-                "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3)}
+                "cpu_user_s": round(user1 - user0, 3), "cpu_sys_s": round(sys1 - sys0, 3)}
 
     # -- latency ----------------------------------------------------------------------
     def _lat_session(self) -> tuple[Session, RemoteFile]:

@@ -367,6 +367,20 @@ class Run:
             say("control plane: " + ", ".join(f"{op} p50 {v['p50_us'] / 1e3:.1f} ms"
                                               for op, v in cp["latency"].items()))
 
+    def revocation(self) -> None:
+        """Breaker syscall -> registrations invalidated / client notified (tests/bench/revocation.py)."""
+        if self.budget.left() < 90:
+            self.problems.note("revocation latency skipped: out of time")
+            return
+        out = self.logs / "revocation.json"
+        run = subprocess.run(["ip", "netns", "exec", self.lab["RDAX_STORAGE_NS"], sys.executable,
+                              str(Path(__file__).with_name("revocation.py")), "--trials", "20", "--out", str(out)],
+                             capture_output=True, text=True, timeout=max(60, self.budget.left()))
+        if run.returncode != 0:
+            self.problems.note(f"revocation latency failed: {run.stderr.strip()[-400:]}")
+            return
+        self.doc["revocation"] = json.loads(out.read_text())
+
     def profile(self) -> None:
         prof = self.call("profile", self.secs * 4 + 30, seconds=self.secs)
         if prof:
@@ -382,7 +396,7 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/bench.json")
-    parser.add_argument("--budget", type=float, default=480, help="seconds for everything (default %(default)s)")
+    parser.add_argument("--budget", type=float, default=600, help="seconds for everything (default %(default)s)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per bandwidth/latency point (default %(default)s)")
     parser.add_argument("--scale", type=int, default=1, help="divide perftest iterations by this (smoke runs)")
     parser.add_argument("--lat-iters", type=int, default=500)
@@ -424,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             run.rdax_setup()
         except (RuntimeError, OSError, PeerError) as exc:
             problems.note(f"rdax: {exc}")   # the perftest figures still come
-        for step in (run.bandwidth, run.latency, run.registration, run.memory, run.control_plane, run.profile):
+        for step in (run.bandwidth, run.latency, run.registration, run.memory, run.control_plane, run.revocation,
+                     run.profile):
             step()
     except PeerError:
         pass   # noted already: keep what there is
