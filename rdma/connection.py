@@ -75,7 +75,10 @@ class Connection:
         self.device = device
         self.pd = pd
         self.depth = depth
-        self.signal_every = max(1, min(signal_every, depth))
+        # At most half the queue unsignalled: a completion then retires half of
+        # it while the other half stays in flight (signalling every `depth`
+        # requests would drain the pipeline at each completion).
+        self.signal_every = max(1, min(signal_every, depth // 2))
         self.remote_access = remote_access
         self.psn = random.getrandbits(24)
         self._unsignalled = 0   # posted since the last signalled request

@@ -39,6 +39,7 @@ BREAKERS = {
     "link": ["ln", "{path}", "{path}.link"],
     "unlink": ["rm", "{path}"],
     "chmod": ["chmod", "0640", "{path}"],
+    "chattr": ["xfs_io", "-c", "chattr +A", "{path}"],
 }
 
 
