@@ -191,8 +191,12 @@ class RemoteFile:
     def _remote(self, offset: int) -> int:
         return self.grant.remote_addr + (offset - self.grant.offset)
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """RDMA WRITE `data` at `offset`, pipelined through the staging buffer."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview, flush: bool = False) -> int:
+        """RDMA WRITE `data` at `offset`, pipelined through the staging buffer.
+
+        flush=True posts a FLUSH(persistent) of the range behind the last
+        write, so the bytes are durable when this returns — one wait, not two.
+        """
         view = memoryview(data).cast("B")
         self._check(offset, len(view))
         s = self.session
@@ -200,15 +204,19 @@ class RemoteFile:
         while done < len(view):
             n = min(s.staging.length, len(view) - done)
             s.staging.view()[:n] = view[done:done + n]
-            self._post_staged(offset + done, n)
+            last = done + n == len(view)
+            self._post_staged(offset + done, n, flush_from=offset if (flush and last) else None)
             done += n
         return done
 
-    def _post_staged(self, offset: int, n: int) -> None:
+    def _post_staged(self, offset: int, n: int, flush_from: int | None = None) -> None:
         s = self.session
         chunks = [Chunk(s.staging.addr + o, s.staging.lkey, min(s.chunk, n - o), self.grant.rkey,
                         self._remote(offset + o)) for o in range(0, n, s.chunk)]
-        s.conn.write(chunks)
+        if flush_from is None:
+            s.conn.write(chunks)
+        else:
+            s.conn.write_flush(chunks, self.grant.rkey, self._remote(flush_from), offset + n - flush_from)
 
     def write_from(self, src: BinaryIO, offset: int = 0, length: int | None = None,
                    progress: Callable[[int], None] | None = None) -> int:

@@ -90,6 +90,10 @@ class Connection:
                                 comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
                                 send_ops_flags=SEND_OPS)
             self.qp = QPEx(device.context, init)
+            # One SGE, refilled per request: wr_set_sge copies it into the WQE at
+            # once. A new SGE per request costs a logger lookup and leaks its
+            # malloc (pyverbs' SGE frees only on close()).
+            self._sge = SGE(0, 0, 0)
         except PyverbsError as exc:
             raise VerbsError("ibv_create_qp_ex", {"device": device.name, "depth": depth}, detail=str(exc)) from exc
 
@@ -130,26 +134,39 @@ class Connection:
 
     # -- posting --------------------------------------------------------------
     def _post(self, verb: str, args: dict, build, signal: bool = False) -> None:
-        """Post one work request built by `build(qp)`; signalled when `signal`
-        or when `signal_every` requests have gone unsignalled."""
-        if self._in_flight >= self.depth:
-            self._retire(verb, args)
-        self._unsignalled += 1
-        signalled = signal or self._unsignalled >= self.signal_every
-        qp = self.qp
-        qp.wr_start()
-        # A signalled request's wr_id counts the requests its completion retires.
-        qp.wr_id = self._unsignalled if signalled else 0
-        qp.wr_flags = e.IBV_SEND_SIGNALED if signalled else 0
-        build(qp)
-        try:
-            qp.wr_complete()
-        except PyverbsError as exc:
-            self._unsignalled -= 1
-            raise VerbsError(f"ibv_wr_complete[{verb}]", args, detail=str(exc)) from exc
-        self._in_flight += 1
-        if signalled:
-            self._unsignalled = 0
+        """Post one work request built by `build(qp)`."""
+        self._post_batch(verb, args, [build], signal_last=signal)
+
+    def _post_batch(self, verb: str, args: dict, builds: list, signal_last: bool) -> None:
+        """Post the requests built by `builds` (callables taking the QP), as
+        many per wr_start/wr_complete as the queue has room for. A request is
+        signalled when `signal_every` went unsignalled, and the last one when
+        `signal_last`."""
+        qp, n, i = self.qp, len(builds), 0
+        while i < n:
+            if self._in_flight >= self.depth:
+                self._retire(verb, args)
+            end = min(n, i + self.depth - self._in_flight)
+            unsignalled_before = self._unsignalled
+            qp.wr_start()
+            for k in range(i, end):
+                self._unsignalled += 1
+                if self._unsignalled >= self.signal_every or (signal_last and k == n - 1):
+                    # The wr_id of a signalled request counts the requests its completion retires.
+                    qp.wr_id = self._unsignalled
+                    qp.wr_flags = e.IBV_SEND_SIGNALED
+                    self._unsignalled = 0
+                else:
+                    qp.wr_id = 0
+                    qp.wr_flags = 0
+                builds[k](qp)
+            try:
+                qp.wr_complete()
+            except PyverbsError as exc:
+                self._unsignalled = unsignalled_before
+                raise VerbsError(f"ibv_wr_complete[{verb}]", args, detail=str(exc)) from exc
+            self._in_flight += end - i
+            i = end
 
     def _retire(self, verb: str, args: dict, until_empty: bool = False, timeout: float = 30.0) -> None:
         """Poll completions until there is room (or nothing is in flight)."""
@@ -175,27 +192,40 @@ class Connection:
         self._retire(verb, args or {}, until_empty=True, timeout=timeout)
 
     # -- verbs ----------------------------------------------------------------
-    def post_write(self, c: Chunk, last: bool = False) -> None:
-        args = {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length}
+    def _write_wr(self, c: Chunk):
+        sge = self._sge
 
         def build(qp):
             qp.wr_rdma_write(c.rkey, c.raddr)
-            qp.wr_set_sge(SGE(c.laddr, c.length, c.lkey))
-        self._post("RDMA_WRITE", args, build, signal=last)
+            sge.addr, sge.length, sge.lkey = c.laddr, c.length, c.lkey
+            qp.wr_set_sge(sge)
+        return build
 
-    def post_read(self, c: Chunk, last: bool = False) -> None:
-        args = {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length}
+    def _read_wr(self, c: Chunk):
+        sge = self._sge
 
         def build(qp):
             qp.wr_rdma_read(c.rkey, c.raddr)
-            qp.wr_set_sge(SGE(c.laddr, c.length, c.lkey))
-        self._post("RDMA_READ", args, build, signal=last)
+            sge.addr, sge.length, sge.lkey = c.laddr, c.length, c.lkey
+            qp.wr_set_sge(sge)
+        return build
+
+    @staticmethod
+    def _flush_wr(rkey: int, raddr: int, length: int):
+        return lambda qp: qp.wr_flush(rkey, raddr, length, e.IBV_FLUSH_PERSISTENT, e.IBV_FLUSH_RANGE)
+
+    def post_write(self, c: Chunk, last: bool = False) -> None:
+        self._post("RDMA_WRITE", {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length},
+                   self._write_wr(c), signal=last)
+
+    def post_read(self, c: Chunk, last: bool = False) -> None:
+        self._post("RDMA_READ", {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length},
+                   self._read_wr(c), signal=last)
 
     def post_flush(self, rkey: int, raddr: int, length: int) -> None:
         """FLUSH(persistent, range): signalled, so wait() returns once it is durable."""
-        args = {"rkey": rkey, "remote_addr": raddr, "len": length}
-        self._post("FLUSH", args, lambda qp: qp.wr_flush(rkey, raddr, length, e.IBV_FLUSH_PERSISTENT,
-                                                          e.IBV_FLUSH_RANGE), signal=True)
+        self._post("FLUSH", {"rkey": rkey, "remote_addr": raddr, "len": length},
+                   self._flush_wr(rkey, raddr, length), signal=True)
 
     def post_atomic_write(self, rkey: int, raddr: int, value: bytes) -> None:
         if len(value) != 8:
@@ -203,22 +233,32 @@ class Connection:
         args = {"rkey": rkey, "remote_addr": raddr}
         self._post("ATOMIC_WRITE", args, lambda qp: qp.wr_atomic_write(rkey, raddr, value), signal=True)
 
-    def _transfer(self, verb: str, post, chunks: Iterable[Chunk], timeout: float) -> int:
-        """Post every chunk (only the last signalled), then wait for all."""
-        chunks = list(chunks)
-        for i, c in enumerate(chunks):
-            post(c, last=(i == len(chunks) - 1))
-        total = sum(c.length for c in chunks)
-        self.wait(verb, {"chunks": len(chunks), "bytes": total}, timeout)
+    def _transfer(self, verb: str, builds: list, total: int, timeout: float) -> int:
+        """Post every request (only the last signalled), then wait for all."""
+        self._post_batch(verb, {"requests": len(builds), "bytes": total}, builds, signal_last=True)
+        self.wait(verb, {"requests": len(builds), "bytes": total}, timeout)
         return total
 
     def write(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
         """RDMA WRITE every chunk, pipelined; returns bytes written once all completed."""
-        return self._transfer("RDMA_WRITE", self.post_write, chunks, timeout)
+        chunks = list(chunks)
+        return self._transfer("RDMA_WRITE", [self._write_wr(c) for c in chunks],
+                              sum(c.length for c in chunks), timeout)
 
     def read(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
         """RDMA READ every chunk, pipelined; returns bytes read once all completed."""
-        return self._transfer("RDMA_READ", self.post_read, chunks, timeout)
+        chunks = list(chunks)
+        return self._transfer("RDMA_READ", [self._read_wr(c) for c in chunks],
+                              sum(c.length for c in chunks), timeout)
+
+    def write_flush(self, chunks: Iterable[Chunk], rkey: int, raddr: int, length: int,
+                    timeout: float = 60.0) -> int:
+        """RDMA WRITE every chunk, then FLUSH(persistent) [raddr, raddr+length)
+        behind them on the same QP (RC executes them in order): one wait, and
+        the bytes are durable when it returns."""
+        chunks = list(chunks)
+        builds = [self._write_wr(c) for c in chunks] + [self._flush_wr(rkey, raddr, length)]
+        return self._transfer("RDMA_WRITE+FLUSH", builds, sum(c.length for c in chunks), timeout)
 
     def flush(self, rkey: int, raddr: int, length: int, timeout: float = 30.0) -> None:
         self.post_flush(rkey, raddr, length)
@@ -235,6 +275,9 @@ class Connection:
                 obj.close()
             except PyverbsError:
                 pass
+        sge, self._sge = self._sge, None
+        if sge is not None:   # SGE.close() frees unconditionally: exactly once
+            sge.close()
 
     def __enter__(self) -> "Connection":
         return self

@@ -163,8 +163,7 @@ class Bench:
         data = os.urandom(size)
         if mode == "write_flush":
             def op() -> None:
-                conn.post_write(chunk)
-                conn.flush(rkey, raddr, size)
+                conn.write_flush([chunk], rkey, raddr, size)
         elif mode == "write":
             def op() -> None:
                 conn.write([chunk])

@@ -41,8 +41,8 @@ class ClientPeer:
         return {"seal_id": info.seal_id, "grant_id": grant.grant_id, "rkey": grant.rkey,
                 "remote_addr": grant.remote_addr, "epoch": grant.epoch}
 
-    def write(self, name: str, offset: int, length: int, seed: int) -> dict:
-        return {"bytes": self.files[name].write(offset, pattern(seed, length))}
+    def write(self, name: str, offset: int, length: int, seed: int, flush: bool = False) -> dict:
+        return {"bytes": self.files[name].write(offset, pattern(seed, length), flush=flush)}
 
     def flush(self, name: str, offset: int, length: int) -> dict:
         self.files[name].flush(offset, length)

@@ -119,3 +119,14 @@ def test_server_restart_leaves_no_stale_registration_bad_flow(lab, export_root, 
     finally:
         old.proc.kill()
         restarted.stop()
+
+
+def test_write_with_flush_is_durable_in_one_call(server, clients):
+    (c,) = clients(1)
+    assert c.call("open", name="f", path="durable", length=4 * MiB)["ok"]
+    # 3 MiB + 4 KiB: several staging chunks, FLUSH behind the last write only.
+    r = c.call("write", name="f", offset=4096, length=3 * MiB + 4096, seed=41, flush=True)
+    assert r["ok"] and r["bytes"] == 3 * MiB + 4096, r
+    data = (server.root / "durable").read_bytes()
+    assert data[4096:4096 + 3 * MiB + 4096] == pattern(41, 3 * MiB + 4096)
+    assert data[:4096] == bytes(4096)
