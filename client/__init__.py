@@ -1,6 +1,6 @@
 """rdax.client: the client library (connect -> Session -> RemoteFile) and the `rdax` CLI."""
 from .errors import GrantRevoked, RdaxClientError, RemoteError
-from .session import Grant, RemoteFile, Session, connect, local_device
+from .session import Grant, RemoteFile, Session, connect
 
 __all__ = ["Grant", "GrantRevoked", "RdaxClientError", "RemoteError", "RemoteFile", "Session",
-           "connect", "local_device"]
+           "connect"]

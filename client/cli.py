@@ -10,6 +10,8 @@ import time
 
 from tqdm import tqdm
 
+from rdax.rdma import VerbsError
+
 from .errors import RdaxClientError
 from .session import PAGE, connect
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (RdaxClientError, OSError, RuntimeError) as exc:
+    except (RdaxClientError, VerbsError, OSError) as exc:
         print(f"rdax: {exc}", file=sys.stderr)
         return 1
 

@@ -18,8 +18,7 @@ from typing import BinaryIO, Callable
 
 import grpc
 
-from rdax.rdma import Access, Chunk, Connection, EndpointInfo, LocalBuffer, list_devices, open_device
-from rdax.rdma.device import _netdevs  # noqa: PLC2701 - device discovery helper
+from rdax.rdma import Access, Chunk, Connection, EndpointInfo, LocalBuffer, local_device, open_device
 from rdax.v1 import rdax_pb2 as pb
 from rdax.v1 import rdax_pb2_grpc as pb_grpc
 
@@ -28,22 +27,6 @@ from .errors import GrantRevoked, RemoteError
 MiB = 1 << 20
 PAGE = 4096
 ALL_ACCESS = Access.WRITE | Access.READ | Access.ATOMIC | Access.FLUSH
-
-
-def local_device() -> str:
-    """The RDMA device whose netdev lives in this process's network namespace."""
-    mine = []
-    for name in list_devices():
-        for ndev in _netdevs(name):
-            try:
-                socket.if_nametoindex(ndev)
-                mine.append(name)
-            except OSError:
-                continue
-    if len(set(mine)) != 1:
-        raise RuntimeError(f"cannot choose an RDMA device: {sorted(set(mine)) or 'none'} in this namespace "
-                           f"(all: {list_devices()}); pass device=")
-    return mine[0]
 
 
 def _call(rpc: str, fn, request):
@@ -209,10 +192,15 @@ class RemoteFile:
             done += n
         return done
 
+    def _staged_chunks(self, offset: int, n: int) -> list[Chunk]:
+        """The staging buffer's first n bytes <-> the file's [offset, offset+n), one request per chunk."""
+        s = self.session
+        return [Chunk(s.staging.addr + o, s.staging.lkey, min(s.chunk, n - o), self.grant.rkey,
+                      self._remote(offset + o)) for o in range(0, n, s.chunk)]
+
     def _post_staged(self, offset: int, n: int, flush_from: int | None = None) -> None:
         s = self.session
-        chunks = [Chunk(s.staging.addr + o, s.staging.lkey, min(s.chunk, n - o), self.grant.rkey,
-                        self._remote(offset + o)) for o in range(0, n, s.chunk)]
+        chunks = self._staged_chunks(offset, n)
         if flush_from is None:
             s.conn.write(chunks)
         else:
@@ -242,10 +230,7 @@ class RemoteFile:
         out = bytearray()
         while len(out) < length:
             n = min(s.staging.length, length - len(out))
-            pos = offset + len(out)
-            chunks = [Chunk(s.staging.addr + o, s.staging.lkey, min(s.chunk, n - o), self.grant.rkey,
-                            self._remote(pos + o)) for o in range(0, n, s.chunk)]
-            s.conn.read(chunks)
+            s.conn.read(self._staged_chunks(offset + len(out), n))
             out += s.staging.read(n)
         return bytes(out)
 

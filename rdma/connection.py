@@ -192,20 +192,12 @@ class Connection:
         self._retire(verb, args or {}, until_empty=True, timeout=timeout)
 
     # -- verbs ----------------------------------------------------------------
-    def _write_wr(self, c: Chunk):
+    def _rdma_wr(self, c: Chunk, read: bool = False):
+        """A builder of one RDMA WRITE (or READ) through the connection's one SGE."""
         sge = self._sge
 
         def build(qp):
-            qp.wr_rdma_write(c.rkey, c.raddr)
-            sge.addr, sge.length, sge.lkey = c.laddr, c.length, c.lkey
-            qp.wr_set_sge(sge)
-        return build
-
-    def _read_wr(self, c: Chunk):
-        sge = self._sge
-
-        def build(qp):
-            qp.wr_rdma_read(c.rkey, c.raddr)
+            (qp.wr_rdma_read if read else qp.wr_rdma_write)(c.rkey, c.raddr)
             sge.addr, sge.length, sge.lkey = c.laddr, c.length, c.lkey
             qp.wr_set_sge(sge)
         return build
@@ -216,11 +208,11 @@ class Connection:
 
     def post_write(self, c: Chunk, last: bool = False) -> None:
         self._post("RDMA_WRITE", {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length},
-                   self._write_wr(c), signal=last)
+                   self._rdma_wr(c), signal=last)
 
     def post_read(self, c: Chunk, last: bool = False) -> None:
         self._post("RDMA_READ", {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length},
-                   self._read_wr(c), signal=last)
+                   self._rdma_wr(c, read=True), signal=last)
 
     def post_flush(self, rkey: int, raddr: int, length: int) -> None:
         """FLUSH(persistent, range): signalled, so wait() returns once it is durable."""
@@ -242,13 +234,13 @@ class Connection:
     def write(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
         """RDMA WRITE every chunk, pipelined; returns bytes written once all completed."""
         chunks = list(chunks)
-        return self._transfer("RDMA_WRITE", [self._write_wr(c) for c in chunks],
+        return self._transfer("RDMA_WRITE", [self._rdma_wr(c) for c in chunks],
                               sum(c.length for c in chunks), timeout)
 
     def read(self, chunks: Iterable[Chunk], timeout: float = 60.0) -> int:
         """RDMA READ every chunk, pipelined; returns bytes read once all completed."""
         chunks = list(chunks)
-        return self._transfer("RDMA_READ", [self._read_wr(c) for c in chunks],
+        return self._transfer("RDMA_READ", [self._rdma_wr(c, read=True) for c in chunks],
                               sum(c.length for c in chunks), timeout)
 
     def write_flush(self, chunks: Iterable[Chunk], rkey: int, raddr: int, length: int,
@@ -257,7 +249,7 @@ class Connection:
         behind them on the same QP (RC executes them in order): one wait, and
         the bytes are durable when it returns."""
         chunks = list(chunks)
-        builds = [self._write_wr(c) for c in chunks] + [self._flush_wr(rkey, raddr, length)]
+        builds = [self._rdma_wr(c) for c in chunks] + [self._flush_wr(rkey, raddr, length)]
         return self._transfer("RDMA_WRITE+FLUSH", builds, sum(c.length for c in chunks), timeout)
 
     def flush(self, rkey: int, raddr: int, length: int, timeout: float = 30.0) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 
 from pyverbs.device import Context
@@ -22,7 +23,8 @@ def list_devices() -> list[str]:
         return []
 
 
-def _netdevs(name: str) -> set[str]:
+def netdevs(name: str) -> set[str]:
+    """The network devices behind a device's GIDs."""
     ndevs = f"{SYSFS}/{name}/ports/{PORT}/gid_attrs/ndevs"
     found = set()
     for idx in os.listdir(ndevs) if os.path.isdir(ndevs) else ():
@@ -61,13 +63,29 @@ def find_device(name: str | None = None, netdev: str | None = None, ip: str | No
     if name is not None:
         candidates = [d for d in candidates if d == name]
     if netdev is not None:
-        candidates = [d for d in candidates if netdev in _netdevs(d)]
+        candidates = [d for d in candidates if netdev in netdevs(d)]
     if ip is not None:
         candidates = [d for d in candidates if ip in _ipv4_gids(d)]
     if len(candidates) != 1:
         raise DeviceNotFound("find_device", {"name": name, "netdev": netdev, "ip": ip},
                              detail=f"{len(candidates)} devices match (have {list_devices()})")
     return candidates[0]
+
+
+def local_device() -> str:
+    """The one device whose netdev lives in this process's network namespace."""
+    mine = set()
+    for name in list_devices():
+        for ndev in netdevs(name):
+            try:
+                socket.if_nametoindex(ndev)   # resolves only in our own namespace
+                mine.add(name)
+            except OSError:
+                continue
+    if len(mine) != 1:
+        raise DeviceNotFound("local_device", {}, detail=f"{sorted(mine) or 'no'} device(s) with a netdev in this "
+                                                        f"network namespace (all: {list_devices()}); name one")
+    return mine.pop()
 
 
 @dataclass

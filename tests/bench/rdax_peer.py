@@ -25,6 +25,9 @@ from rdax.v1 import rdax_pb2 as pb
 import control
 from report import summary_us
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lab"))
+from labkit import serve  # noqa: E402  (the lab drivers' JSON-lines loop)
+
 KiB = 1 << 10
 MiB = 1 << 20
 BW_REGION = 32 * MiB      # each bandwidth session's grant: written over and over, sequentially
@@ -283,7 +286,7 @@ BUCKETS = (
      "wr_complete)", lambda f, fn: f.endswith("rdma/connection.py") and fn != "_retire"),
     ("completion wait: Connection._retire (CQ.poll busy loop, incl. time.monotonic)",
      lambda f, fn: (f.endswith("rdma/connection.py") and fn == "_retire") or "time.monotonic" in fn),
-    ("pyverbs SGE objects: logging.getLogger per object", lambda f, fn: f.endswith("logging/__init__.py")),
+    ("pyverbs objects (a WC per completion): logging.getLogger per object", lambda f, fn: f.endswith("logging/__init__.py")),
     ("bench loop and Chunk construction", lambda f, fn: "tests/bench" in f or f == "<string>"),
     ("other threads: gRPC Watch/heartbeat of the sessions (wall time, mostly blocked, not CPU)",
      lambda f, fn: "grpc" in f or "threading.py" in f or "_thread" in fn),
@@ -305,17 +308,8 @@ def main() -> None:
     bench = Bench(sys.argv[1])
     print(json.dumps({"ok": True, "pid": os.getpid()}), flush=True)
     try:
-        for line in sys.stdin:
-            req = json.loads(line)
-            op = req.pop("op")
-            if op == "quit":
-                break
-            try:
-                reply = {"ok": True, **getattr(bench, op)(**req)}
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to the driver
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                         "trace": traceback.format_exc()[-3000:]}
-            print(json.dumps(reply), flush=True)
+        # Every failure goes back to the driver, with its trace.
+        serve(bench, lambda exc: {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]})
     finally:
         bench.close()
 

@@ -6,18 +6,13 @@ command per line on stdin, one JSON answer per line on stdout.
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 
 from rdax.client import GrantRevoked, RdaxClientError, RemoteError, RemoteFile, connect
 from rdax.rdma import Access, Chunk, VerbsError, WorkCompletionError
 
-from jsonline import serve
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
+from labkit import pattern, serve
 
 
 class ClientPeer:

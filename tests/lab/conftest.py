@@ -163,3 +163,11 @@ def clients(lab, server):
     yield make
     for c in made:
         c.close()
+
+
+def storage_mr_rkeys(lab) -> list[int]:
+    """The rkeys of the memory regions registered on the storage device (`rdma res show mr`)."""
+    out = subprocess.run(["rdma", "-j", "res", "show", "mr", "dev", lab["RDAX_STORAGE_DEV"]],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(mr["rkey"], 16) if isinstance(mr["rkey"], str) else mr["rkey"]
+            for mr in json.loads(out or "[]")]

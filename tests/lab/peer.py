@@ -7,15 +7,10 @@ stdout, so a test in the storage namespace can drive real remote writes.
 """
 from __future__ import annotations
 
-import random
 
 from rdax.rdma import Chunk, Connection, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
 
-from jsonline import serve
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
+from labkit import pattern, serve
 
 
 class Peer:

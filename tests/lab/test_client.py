@@ -3,29 +3,18 @@ namespace, over real rxe devices and the fsdax mount."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
 
 import pytest
-from conftest import Client, Server
+from conftest import Client, Server, storage_mr_rkeys
+from labkit import pattern
 
 MiB = 1 << 20
 REM_ACCESS_ERR = 10
 WRITE, READ, ATOMIC, FLUSH = 1, 2, 4, 8
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
-
-
-def storage_mr_count(lab) -> int:
-    out = subprocess.run(["rdma", "-j", "res", "show", "mr", "dev", lab["RDAX_STORAGE_DEV"]],
-                         capture_output=True, text=True, check=True).stdout
-    return len(json.loads(out or "[]"))
 
 
 def test_put_256mib_sha256_matches_on_storage_side(lab, server, tmp_path):
@@ -42,7 +31,7 @@ def test_put_256mib_sha256_matches_on_storage_side(lab, server, tmp_path):
 
 
 def test_four_clients_write_disjoint_ranges(lab, server, clients):
-    baseline = storage_mr_count(lab)
+    baseline = len(storage_mr_rkeys(lab))
     four = clients(4)
     quarter = 4 * MiB
     for i, c in enumerate(four):
@@ -58,7 +47,7 @@ def test_four_clients_write_disjoint_ranges(lab, server, clients):
         assert data[i * quarter:(i + 1) * quarter] == pattern(100 + i, quarter), f"range {i} differs"
     for c in four:
         assert c.call("close_file", name="f")["ok"]
-    assert storage_mr_count(lab) == baseline, "memory regions leaked after release"
+    assert len(storage_mr_rkeys(lab)) == baseline, "memory regions leaked after release"
 
 
 def test_leaked_rkey_from_another_clients_qp_bad_flow(server, clients):

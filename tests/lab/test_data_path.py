@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
 from rdax.rdma import REM_ACCESS_ERR, Access, Connection, RegistrationError, open_device, register
 from rdax.service.mapping import DaxMapping
+from labkit import pattern
 
 MiB = 1 << 20
 ALL = Access.WRITE | Access.READ | Access.ATOMIC | Access.FLUSH
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
 
 
 def written_file(path, length: int) -> int:

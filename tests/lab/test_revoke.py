@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Client, Server, storage_mr_rkeys
 
 HERE = Path(__file__).parent
 
@@ -51,7 +52,6 @@ def sha256_of(path) -> str:
 @pytest.fixture(scope="module")
 def shared_server(lab):
     """One server for every breaker (each breaks its own file): starting one takes seconds."""
-    from conftest import Server
     root = Path(lab["RDAX_DAX_MOUNT"]) / f"revoke-{time.monotonic_ns()}"
     root.mkdir()
     server = Server(lab, root, 7900)
@@ -61,7 +61,6 @@ def shared_server(lab):
 
 @pytest.fixture
 def streaming_client(lab, shared_server):
-    from conftest import Client
     client = Client(lab, shared_server.target)
     yield client
     client.close()
@@ -116,29 +115,20 @@ def test_revoke_then_reseal_and_regrant_work(server, clients):
 
 
 def test_revoke_client_killed_loses_grants_after_lease_time(lab, export_root):
-    from conftest import Client, Server
     server = Server(lab, export_root, 7950, "--lease-seconds", "3")
     try:
         client = Client(lab, server.target)
         grant = client.call("open", name="f", path="orphan", length=MiB)
         assert grant["ok"], grant
-        assert mr_rkeys(lab) >= {grant["rkey"]}
+        assert grant["rkey"] in storage_storage_mr_rkeys(lab)
         client.proc.kill()                     # SIGKILL: no CloseSession, no more heartbeats
         deadline = time.monotonic() + 3 * 3 + 5
-        while grant["rkey"] in mr_rkeys(lab) and time.monotonic() < deadline:
+        while grant["rkey"] in storage_mr_rkeys(lab) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert grant["rkey"] not in mr_rkeys(lab), "the dead client's grant outlived its session lease"
+        assert grant["rkey"] not in storage_mr_rkeys(lab), "the dead client's grant outlived its session lease"
         # ...and its seal let the file go: another process may open it at once.
         start = time.monotonic()
         assert subprocess.run(["sh", "-c", f"cat {export_root / 'orphan'} > /dev/null"], timeout=60).returncode == 0
         assert time.monotonic() - start < 5
     finally:
         server.stop()
-
-
-def mr_rkeys(lab) -> set[int]:
-    import json
-    out = subprocess.run(["rdma", "-j", "res", "show", "mr", "dev", lab["RDAX_STORAGE_DEV"]],
-                         capture_output=True, text=True, check=True).stdout
-    return {int(mr["rkey"], 16) if isinstance(mr.get("rkey"), str) else mr.get("rkey")
-            for mr in json.loads(out or "[]") if "rkey" in mr}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 import select
 import shutil
 import signal
@@ -14,15 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from labkit import pattern
 
 MIB = 1 << 20
 START_TIMEOUT = 90      # import grpc alone takes ~4 s under TCG
 LISTENING = "rdax-server listening on "
 REM_ACCESS_ERR = 10
-
-
-def pattern(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
 
 
 class ServerProcess:

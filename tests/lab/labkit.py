@@ -1,9 +1,16 @@
-"""The JSON-lines loop shared by the lab's remote drivers (peer.py, client_peer.py)."""
+"""What the lab's tests and remote drivers share: the data pattern they write and check, and the
+JSON-lines loop of the drivers (peer.py, client_peer.py, tests/bench/rdax_peer.py)."""
 from __future__ import annotations
 
 import json
+import random
 import sys
 from typing import Callable
+
+
+def pattern(seed: int, length: int) -> bytes:
+    """`length` pseudo-random bytes, the same for the same seed on both sides of a test."""
+    return random.Random(seed).randbytes(length)
 
 
 def serve(target: object, errors: Callable[[Exception], dict | None]) -> None:
