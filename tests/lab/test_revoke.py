@@ -120,7 +120,7 @@ def test_revoke_client_killed_loses_grants_after_lease_time(lab, export_root):
         client = Client(lab, server.target)
         grant = client.call("open", name="f", path="orphan", length=MiB)
         assert grant["ok"], grant
-        assert grant["rkey"] in storage_storage_mr_rkeys(lab)
+        assert grant["rkey"] in storage_mr_rkeys(lab)
         client.proc.kill()                     # SIGKILL: no CloseSession, no more heartbeats
         deadline = time.monotonic() + 3 * 3 + 5
         while grant["rkey"] in storage_mr_rkeys(lab) and time.monotonic() < deadline:
