@@ -127,14 +127,11 @@ class LocalBuffer:
                                     detail=str(exc)) from exc
         self.length = length
         self.addr = self.mr.buf
-
-    @property
-    def lkey(self) -> int:
-        return self.mr.lkey
-
-    @property
-    def rkey(self) -> int:
-        return self.mr.rkey
+        # Plain attributes, and one view made once: the data path reads them
+        # per request, and each pyverbs property or ctypes view costs there.
+        self.lkey = self.mr.lkey
+        self.rkey = self.mr.rkey
+        self._view = memoryview((ctypes.c_char * length).from_address(self.addr)).cast("B")
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
         if offset < 0 or offset + len(data) > self.length:
@@ -147,10 +144,11 @@ class LocalBuffer:
         return ctypes.string_at(self.addr + offset, length)
 
     def view(self) -> memoryview:
-        """A writable view of the whole buffer (no copy)."""
-        return memoryview((ctypes.c_char * self.length).from_address(self.addr)).cast("B")
+        """A writable view of the whole buffer (no copy); not valid after close()."""
+        return self._view
 
     def close(self) -> None:
+        self._view = None
         self.mr.close()
 
     def __enter__(self) -> "LocalBuffer":

@@ -158,8 +158,8 @@ class Bench:
 
     def latency(self, mode: str, size: int, iters: int, seconds: float, warmup: int = 20) -> dict:
         """write_flush: RDMA WRITE (unsignalled) + FLUSH(persistent, the range), one completion wait — the
-        fewest round trips to durable bytes. write: one signalled WRITE, wait. api_write_then_flush:
-        RemoteFile.write then RemoteFile.flush (two waits)."""
+        fewest round trips to durable bytes. write: one signalled WRITE, wait. api_write_flush:
+        RemoteFile.write(flush=True), what an application calls: copy into staging, WRITE + FLUSH, one wait."""
         s, f = self._lat_session()
         conn, rkey, raddr = s.conn, f.grant.rkey, f.grant.remote_addr
         chunk = Chunk(s.staging.addr, s.staging.lkey, size, rkey, raddr)
@@ -170,10 +170,9 @@ class Bench:
         elif mode == "write":
             def op() -> None:
                 conn.write([chunk])
-        elif mode == "api_write_then_flush":
+        elif mode == "api_write_flush":
             def op() -> None:
-                f.write(0, data)
-                f.flush(0, size)
+                f.write(0, data, flush=True)
         else:
             raise ValueError(f"unknown latency mode {mode!r}")
         for _ in range(warmup):
@@ -282,11 +281,11 @@ class Bench:
 # cProfile does not see calls into pyverbs (Cython): their time is the own time of the Python function
 # that makes them, so the buckets go by caller.
 BUCKETS = (
-    ("posting: Connection._post/post_write/post_flush (incl. pyverbs wr_start/wr_rdma_write/wr_set_sge/"
-     "wr_complete)", lambda f, fn: f.endswith("rdma/connection.py") and fn != "_retire"),
-    ("completion wait: Connection._retire (CQ.poll busy loop, incl. time.monotonic)",
+    ("posting: Connection._post_requests/_post_fitting/write_flush (incl. pyverbs wr_start/wr_rdma_write/"
+     "wr_set_sge/wr_complete)", lambda f, fn: f.endswith("rdma/connection.py") and fn != "_retire"),
+    ("completion wait: Connection._retire (CQEX start_poll busy loop, incl. time.monotonic)",
      lambda f, fn: (f.endswith("rdma/connection.py") and fn == "_retire") or "time.monotonic" in fn),
-    ("pyverbs objects (a WC per completion): logging.getLogger per object", lambda f, fn: f.endswith("logging/__init__.py")),
+    ("logging.getLogger (pyverbs runs it per object it creates)", lambda f, fn: f.endswith("logging/__init__.py")),
     ("bench loop and Chunk construction", lambda f, fn: "tests/bench" in f or f == "<string>"),
     ("other threads: gRPC Watch/heartbeat of the sessions (wall time, mostly blocked, not CPU)",
      lambda f, fn: "grpc" in f or "threading.py" in f or "_thread" in fn),

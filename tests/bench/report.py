@@ -85,7 +85,7 @@ def attach_ratios(doc: dict) -> None:
     for key in ("write_bw", "api_write_bw"):
         for row in rdax.get(key, []):
             row["vs_perftest"] = ratio(row.get("bw_mib_s"), perftest_bw(doc, row["size"]))
-    for key in ("write_flush_lat", "write_lat", "api_write_then_flush_lat"):
+    for key in ("write_flush_lat", "write_lat", "api_write_flush_lat"):
         for row in rdax.get(key, []):
             twin = perftest_lat(doc, row["size"]) or {}
             row["vs_perftest_p50"] = ratio(row.get("p50_us"), twin.get("p50_us"))
@@ -116,7 +116,7 @@ def attach_ratios(doc: dict) -> None:
     doc["twins"] = {
         "rdax.write_bw, rdax.api_write_bw": "perftest.write_bw at the same message size (vs_perftest)",
         "rdax.first_touch": "perftest.write_bw at 1 MiB",
-        "rdax.write_flush_lat, rdax.write_lat, rdax.api_write_then_flush_lat":
+        "rdax.write_flush_lat, rdax.write_lat, rdax.api_write_flush_lat":
             "perftest.write_lat at the same size (vs_perftest_p50, vs_perftest_p99)",
         "rdax.grant_cost, rdax.server_memory, rdax.control_plane":
             "none: perftest registers one pinned buffer once, before it starts timing, and has no control plane",
@@ -162,12 +162,12 @@ def latency_lines(doc: dict) -> list[str]:
         size = row["size"]
         twin = perftest_lat(doc, size) or {}
         w = next((r for r in rdax.get("write_lat", []) if r["size"] == size), {})
-        api = next((r for r in rdax.get("api_write_then_flush_lat", []) if r["size"] == size), {})
+        api = next((r for r in rdax.get("api_write_flush_lat", []) if r["size"] == size), {})
         rows.append([size_label(size), _f(twin.get("p50_us")), _f(twin.get("p99_us")),
                      _f(w.get("p50_us")), _f(row.get("p50_us")), _f(row.get("p99_us")),
                      _f(row.get("vs_perftest_p50"), "{:.2f}"), _f(api.get("p50_us")), _f(api.get("p99_us"))])
     head = ["size", "ib_write_lat p50", "p99", "rdax write p50", "write+flush p50", "p99", "w+f/perftest p50",
-            "RemoteFile write;flush p50", "p99"]
+            "RemoteFile.write(flush=True) p50", "p99"]
     return ["write latency, us (ib_write_lat: t_typical and 99% percentile, half a round trip)",
             *_table(head, rows)]
 

@@ -9,7 +9,7 @@ Runs in the lab guest's root namespace and drives both sides itself:
    IPv4 RoCE v2 GIDs), measured side by side in time so that both see the same host:
    - write bandwidth, 4 KiB .. 4 MiB, in --rounds rounds of: ib_write_bw, ib_write_bw --odp, rdax at queue
      depth 1/8/64, RemoteFile.write; the figures are the medians over rounds;
-   - latency, 64 B / 4 KiB / 64 KiB: ib_write_lat, then rdax write+FLUSH, write, RemoteFile.write;flush;
+   - latency, 64 B / 4 KiB / 64 KiB: ib_write_lat, then rdax write+FLUSH, write, RemoteFile.write(flush=True);
 2. rdax alone: Grant cost against size, node memory per session and per grant, control-plane latency and
    throughput, a cProfile of the client loops.
 3. Ratios to the perftest twins, results/bench.json, a plain table on stdout.
@@ -235,7 +235,7 @@ class Run:
         self.rdax = self.doc["rdax"] = {
             "where": WHERE_GUEST + "; rdax-server exporting " + str(root) + " (XFS dax=always)",
             "write_bw": [], "api_write_bw": [], "first_touch": [], "write_flush_lat": [], "write_lat": [],
-            "api_write_then_flush_lat": []}
+            "api_write_flush_lat": []}
         self.server = Server(self.lab, root, self.logs / "server.log")
         say(f"rdax-server listening on {self.server.target} (pid {self.server.pid})")
         time.sleep(1.0)
@@ -300,14 +300,14 @@ class Run:
         self.rdax["api_write_bw"] = [median_row(api[s], "bw_mib_s") for s in BW_SIZES if s in api]
 
     def latency(self) -> None:
-        """Per size: ib_write_lat, then rdax write+flush, write, RemoteFile.write;flush."""
+        """Per size: ib_write_lat, then rdax write+flush, write, RemoteFile.write(flush=True)."""
         args = self.args
         for size in LAT_SIZES:
             iters = max(100, (LAT_ITERS if size <= 4 * KiB else LAT_ITERS // 2) // args.scale)
             if (row := self.perftest("ib_write_lat", size, iters)) is not None:
                 self.doc["perftest"]["write_lat"].append(row)
             for mode, key in (("write_flush", "write_flush_lat"), ("write", "write_lat"),
-                              ("api_write_then_flush", "api_write_then_flush_lat")):
+                              ("api_write_flush", "api_write_flush_lat")):
                 row = self.call("latency", self.secs * 2 + 15, mode=mode, size=size, iters=args.lat_iters,
                                 seconds=self.secs)
                 if row:
