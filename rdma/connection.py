@@ -227,35 +227,44 @@ class Connection:
         except PyverbsError as exc:
             raise VerbsError(f"ibv_wr_complete[{verb}]", describe(), detail=str(exc)) from exc
 
-    def _retire(self, verb: str, describe, until_empty: bool = False, timeout: float = 30.0) -> None:
-        """Poll completions until there is room (or nothing is in flight).
+    def _spin(self, verb: str, describe, timeout: float) -> None:
+        """Poll until a completion is there; returns with the CQ's poll batch
+        open (cq.status/wr_id read it, cq.end_poll() closes it).
 
-        The extended CQ's start_poll/poll_next read a completion in place: no
-        WC object per completion, and in the lab a write+flush waits about a
-        third less than with ibv_poll_cq (scratch figures in tests/bench/README.md)."""
-        cq, attr = self.cq, self._poll_attr
-        start, spins, deadline = cq.start_poll, 0, None
-        while self._in_flight >= self.depth or (until_empty and self._in_flight > 0):
+        The extended CQ's start_poll reads a completion in place, with no WC
+        object per completion: against CQ.poll that took a third off a write+
+        flush in the lab (tests/bench/README.md, "where the time went")."""
+        start, attr, spins, deadline = self.cq.start_poll, self._poll_attr, 0, None
+        rc = start(attr)
+        while rc == ENOENT:   # as few steps as possible between polls
+            spins += 1
+            if not spins & 0x3FF:   # the clock only now and then: it costs as much as a poll
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + timeout
+                elif now > deadline:
+                    raise VerbsError(f"ibv_poll_cq[{verb}]", describe(),
+                                     detail=f"no completion within {timeout:.0f} s ({self._in_flight} in flight)")
             rc = start(attr)
-            while rc == ENOENT:   # the spin: as few steps as possible between polls
-                spins += 1
-                if not spins & 0x3FF:   # the clock only now and then: it costs as much as a poll
-                    now = time.monotonic()
-                    if deadline is None:
-                        deadline = now + timeout
-                    elif now > deadline:
-                        raise VerbsError(f"ibv_poll_cq[{verb}]", describe(),
-                                         detail=f"no completion within {timeout:.0f} s ({self._in_flight} in flight)")
-                rc = start(attr)
-            if rc != 0:
-                raise VerbsError(f"ibv_start_poll[{verb}]", describe(), detail=os.strerror(rc))
+        if rc != 0:
+            raise VerbsError(f"ibv_start_poll[{verb}]", describe(), detail=os.strerror(rc))
+
+    def _failed(self, verb: str, describe, status: int) -> WorkCompletionError:
+        """A completion with an error: the QP is in error, nothing is in flight any more."""
+        self._in_flight = 0
+        self._unsignalled = 0
+        return WorkCompletionError(verb, describe(), status, WC_STATUS.get(status, "?"))
+
+    def _retire(self, verb: str, describe, until_empty: bool = False, timeout: float = 30.0) -> None:
+        """Poll completions until there is room (or nothing is in flight)."""
+        cq = self.cq
+        while self._in_flight >= self.depth or (until_empty and self._in_flight > 0):
+            self._spin(verb, describe, timeout)
             try:
                 while True:
                     status = cq.status
                     if status != 0:
-                        self._in_flight = 0
-                        self._unsignalled = 0
-                        raise WorkCompletionError(verb, describe(), status, WC_STATUS.get(status, "?"))
+                        raise self._failed(verb, describe, status)
                     self._in_flight -= max(1, cq.wr_id)
                     if cq.poll_next() != 0:
                         break
@@ -343,7 +352,15 @@ class Connection:
 
             def describe() -> dict:
                 return {"requests": 2, "bytes": c.length, "flush_addr": raddr, "flush_len": length}
-            self._retire("RDMA_WRITE+FLUSH", describe, until_empty=True, timeout=timeout)
+            # Only the FLUSH is signalled and nothing else is in flight: its
+            # completion (or the first error) is the one there is to read.
+            self._spin("RDMA_WRITE+FLUSH", describe, timeout)
+            cq = self.cq
+            status = cq.status
+            cq.end_poll()
+            if status != 0:
+                raise self._failed("RDMA_WRITE+FLUSH", describe, status)
+            self._in_flight = 0
             return c.length
         return self._transfer("RDMA_WRITE+FLUSH", chunks, tail=self._flush_wr(rkey, raddr, length), timeout=timeout)
 
