@@ -233,7 +233,7 @@ class Connection:
 
         The extended CQ's start_poll reads a completion in place, with no WC
         object per completion: against CQ.poll that took a third off a write+
-        flush in the lab (tests/bench/README.md, "where the time went")."""
+        flush in the lab (README.md, Benchmarks: "where the time went")."""
         start, attr, spins, deadline = self.cq.start_poll, self._poll_attr, 0, None
         rc = start(attr)
         while rc == ENOENT:   # as few steps as possible between polls

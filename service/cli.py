@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
         raise Refused(f"--root {args.root!r} is not a directory")
     fabric = open_fabric(args)
-    check_data_path(fabric, args)
+    canary = check_data_path(fabric, args)
     # Imported late: grpc takes seconds to import in the lab, and a refused start needs none of it.
     from .node import Node
     from .server import serve
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     node = Node(args.root, fabric, lease_seconds=args.lease_seconds, grant_ttl_seconds=args.grant_ttl_seconds,
-                max_grants_per_session=args.max_grants_per_session)
+                max_grants_per_session=args.max_grants_per_session, write_alignment=canary.write_alignment)
     try:
         serve(node, args.listen, stop, on_ready=lambda where: print(f"rdax-server listening on {where}", flush=True))
     except OSError as exc:
@@ -83,7 +83,7 @@ def open_fabric(args: argparse.Namespace):  # -> RdmaFabric; untyped so that --h
         raise Refused(f"no usable RDMA device: {exc}") from exc
 
 
-def check_data_path(fabric, args: argparse.Namespace) -> None:
+def check_data_path(fabric, args: argparse.Namespace):  # -> CanaryResult
     from .canary import CanaryFailed, run_canary
     from .errors import RdaxError
 
@@ -95,6 +95,10 @@ def check_data_path(fabric, args: argparse.Namespace) -> None:
         raise Refused(f"the canary could not be prepared under {args.root!r}: {exc}") from exc
     log.info("canary: %d bytes landed intact at path MTU %d (%s region)", result.length, result.mtu,
              "ODP" if result.odp else "pinned")
+    if result.write_alignment > 1:
+        log.warning("canary: a write starting inside a page landed at the start of the page (rxe ODP kernel bug): "
+                    "grants tell clients to start WRITEs and READs on %d-byte boundaries", result.write_alignment)
+    return result
 
 
 if __name__ == "__main__":

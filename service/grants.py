@@ -64,6 +64,7 @@ class GrantDescriptor:
     access: int
     epoch: int
     expires_unix_ms: int   # 0: ends with the session
+    write_alignment: int = 1   # WRITE/READ start addresses: multiples of this (the node's canary measures it)
 
 
 @dataclass(eq=False)

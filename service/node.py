@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -48,6 +49,7 @@ class Node:
     def __init__(self, export_root: str | os.PathLike[str], fabric: Fabric, *, lease_seconds: int = 30,
                  grant_ttl_seconds: float | None = None, max_grants_per_session: int = 1024,
                  map_sync: bool = True, watch_seals: bool = True, audit_seconds: float = 5.0,
+                 write_alignment: int = 1,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if lease_seconds <= 0:
@@ -55,6 +57,8 @@ class Node:
         self.lease_seconds = lease_seconds
         self.grant_ttl_seconds = grant_ttl_seconds
         self.max_grants_per_session = max_grants_per_session
+        # Where clients' WRITEs may start (multiples of it): the canary's finding, handed out with every grant.
+        self.write_alignment = write_alignment
         self._fabric = fabric
         self._map_sync = map_sync
         self._clock = clock
@@ -210,7 +214,7 @@ class Node:
             session.grants[grant.id] = grant
             log.info("granted %s [%d, %d) of %s to session %s as %s (rkey %#x)", access_label(access), offset,
                      offset + length, seal.id, session.id, grant.id, grant.rkey)
-            return grant.descriptor()
+            return dataclasses.replace(grant.descriptor(), write_alignment=self.write_alignment)
 
     def release(self, session_id: str, grant_id: str) -> None:
         """Give a grant back: its region is deregistered (no epoch bump: nothing was taken from anyone)."""

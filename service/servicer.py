@@ -142,7 +142,7 @@ def grant_to_pb(grant: GrantDescriptor) -> pb.GrantDescriptor:
     return pb.GrantDescriptor(
         grant_id=grant.grant_id, remote_addr=grant.remote_addr, rkey=grant.rkey, offset=grant.offset,
         length=grant.length, access=grant.access, epoch=grant.epoch, expires_unix_ms=grant.expires_unix_ms,
-        seal_id=grant.seal_id)
+        seal_id=grant.seal_id, write_alignment=grant.write_alignment)
 
 
 def event_to_pb(event: Event) -> pb.Event:

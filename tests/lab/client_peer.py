@@ -34,7 +34,7 @@ class ClientPeer:
         grant = self.session.grant(info.seal_id, offset, grant_length or length - offset, Access(access))
         self.files[name] = RemoteFile(self.session, info, grant)
         return {"seal_id": info.seal_id, "grant_id": grant.grant_id, "rkey": grant.rkey,
-                "remote_addr": grant.remote_addr, "epoch": grant.epoch}
+                "remote_addr": grant.remote_addr, "epoch": grant.epoch, "write_alignment": grant.write_alignment}
 
     def write(self, name: str, offset: int, length: int, seed: int, flush: bool = False) -> dict:
         return {"bytes": self.files[name].write(offset, pattern(seed, length), flush=flush)}

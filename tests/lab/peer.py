@@ -35,6 +35,12 @@ class Peer:
                   for off in range(0, length, chunk)]
         return {"bytes": self.conn.write(chunks)}
 
+    def write_flush(self, rkey: int, raddr: int, length: int, seed: int) -> dict:
+        """One WRITE and a FLUSH of its range behind it (Connection's one-request path)."""
+        self.buf.write(pattern(seed, length))
+        c = Chunk(self.buf.addr, self.buf.lkey, length, rkey, raddr)
+        return {"bytes": self.conn.write_flush([c], rkey, raddr, length)}
+
     def flush(self, rkey: int, raddr: int, length: int) -> dict:
         self.conn.flush(rkey, raddr, length)
         return {}

@@ -72,6 +72,20 @@ def test_write_outside_grant_bad_flow(server, clients, where):
     assert (server.root / f"bounds-{where}").read_bytes() == bytes(64 * 1024), "bytes landed outside the grant"
 
 
+def test_write_starting_inside_a_page_is_refused_before_it_is_sent_bad_flow(server, clients):
+    (c,) = clients(1)
+    g = c.call("open", name="f", path="unaligned", length=64 * 1024)
+    # The node's canary found the rxe ODP bug on this kernel and says so in every grant.
+    assert g["ok"] and g["write_alignment"] == 4096, g
+    r = c.call("write", name="f", offset=4096 + 100, length=200, seed=68)
+    assert not r["ok"] and "4096-byte boundaries" in r["error"] and "start at 4096" in r["error"], r
+    r = c.call("write", name="f", offset=4096, length=300, seed=69, flush=True)   # from the page start
+    assert r["ok"] and r["bytes"] == 300, r
+    data = (server.root / "unaligned").read_bytes()
+    assert data[4096:4396] == pattern(69, 300)
+    assert data[:4096] + data[4396:] == bytes(64 * 1024 - 300), "bytes landed outside the write"
+
+
 def test_read_only_grant_refuses_writes_bad_flow(server, clients):
     (c,) = clients(1)
     (server.root / "ro").write_bytes(pattern(11, MiB))
@@ -116,6 +130,11 @@ def test_write_with_flush_is_durable_in_one_call(server, clients):
     # 3 MiB + 4 KiB: several staging chunks, FLUSH behind the last write only.
     r = c.call("write", name="f", offset=4096, length=3 * MiB + 4096, seed=41, flush=True)
     assert r["ok"] and r["bytes"] == 3 * MiB + 4096, r
-    data = (server.root / "durable").read_bytes()
+    # 100 bytes at the start of the last page: one request, WRITE+FLUSH posted together.
+    r = c.call("write", name="f", offset=4 * MiB - 4096, length=100, seed=42, flush=True)
+    assert r["ok"] and r["bytes"] == 100, r
+    data = (server.root / "durable").read_bytes()   # (opening it here breaks the seal: last)
     assert data[4096:4096 + 3 * MiB + 4096] == pattern(41, 3 * MiB + 4096)
     assert data[:4096] == bytes(4096)
+    assert data[4 * MiB - 4096:4 * MiB - 3996] == pattern(42, 100)
+    assert data[3 * MiB + 8192:4 * MiB - 4096] + data[4 * MiB - 3996:] == bytes(MiB - 8192 - 100)

@@ -447,3 +447,12 @@ def test_open_session_fabric_failure_bad_flow(node: Node, fabric: FakeFabric) ->
         node.open_session("c", CLIENT_ENDPOINT)
     fabric.fail_open = None
     assert node.list_seals(session(node)) == [] and len(fabric.channels) == 1
+
+
+@pytest.mark.parametrize("alignment", [1, PAGE])
+def test_grants_carry_the_nodes_write_alignment(make_node, alignment: int) -> None:
+    """The canary's finding (where RDMA writes land) reaches clients with every grant."""
+    node = make_node(write_alignment=alignment)
+    sid = session(node)
+    seal = node.seal(sid, "f", MIB, create=True)
+    assert node.grant(sid, seal.seal_id, PAGE, PAGE, RW).write_alignment == alignment

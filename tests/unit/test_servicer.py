@@ -146,6 +146,7 @@ def test_grant_returns_descriptor(stub, fabric: FakeFabric) -> None:
     region = fabric.regions[0]
     assert (grant.remote_addr, grant.rkey, grant.length, grant.access) == (region.addr, region.rkey, 2 * PAGE, access)
     assert grant.offset == PAGE and grant.epoch == 1 and grant.seal_id == seal and grant.expires_unix_ms == 0
+    assert grant.write_alignment == 1   # a node whose canary saw writes land where aimed (the default)
 
 
 @pytest.mark.parametrize("offset, length, access, code", [

@@ -1,0 +1,102 @@
+"""Where a 4 KiB write+FLUSH's time goes: the bare pyverbs calls against Connection.write_flush and
+RemoteFile.write(flush=True), interleaved in one run (runs far apart differ by 30 % and more).
+
+    lab/run.sh 'python tests/bench/hotpath.py'
+
+Starts an rdax-server in the storage namespace and runs itself again in the client namespace. Figures
+only, like the rest of tests/bench: the gap between "bare" and "Connection.write_flush" is the Python the
+library adds on the critical path.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from errno import ENOENT
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SIZE = 4096
+ROUNDS, PER_ROUND = 5, 250
+
+
+def client(target: str) -> None:
+    import pyverbs.enums as e
+
+    from rdax.client import connect
+    from rdax.rdma import Chunk
+
+    s = connect(target)
+    f = s.open("hotpath", 1 << 20)
+    f.write(0, bytes(1 << 20), flush=True)   # fault the region in (ODP)
+    conn, rkey, raddr = s.conn, f.grant.rkey, f.grant.remote_addr
+    chunk = Chunk(s.staging.addr, s.staging.lkey, SIZE, rkey, raddr)
+    qp, cq, sge, attr = conn.qp, conn.cq, conn._sge, conn._poll_attr
+    signaled, persistent, ranged = e.IBV_SEND_SIGNALED, e.IBV_FLUSH_PERSISTENT, e.IBV_FLUSH_RANGE
+    data = os.urandom(SIZE)
+
+    def bare() -> None:
+        """The fewest steps pyverbs allows: build WRITE + FLUSH, ring, spin on the extended CQ."""
+        qp.wr_start()
+        qp.wr_flags = 0
+        qp.wr_rdma_write(rkey, raddr)
+        sge.addr, sge.length, sge.lkey = chunk.laddr, SIZE, chunk.lkey
+        qp.wr_set_sge(sge)
+        qp.wr_id = 2
+        qp.wr_flags = signaled
+        qp.wr_flush(rkey, raddr, SIZE, persistent, ranged)
+        qp.wr_complete()
+        start = cq.start_poll
+        while start(attr) == ENOENT:
+            pass
+        status = cq.status
+        cq.end_poll()
+        assert status == 0, status
+
+    variants = {"bare pyverbs": bare,
+                "Connection.write_flush": lambda: conn.write_flush([chunk], rkey, raddr, SIZE),
+                "RemoteFile.write(flush=True)": lambda: f.write(0, data, flush=True)}
+    samples: dict[str, list[int]] = {name: [] for name in variants}
+    clock = time.perf_counter_ns
+    for _ in range(ROUNDS):
+        for name, op in variants.items():
+            for _ in range(10):
+                op()
+            for _ in range(PER_ROUND):
+                t0 = clock()
+                op()
+                samples[name].append(clock() - t0)
+    print(f"{SIZE} B write + FLUSH(persistent), {ROUNDS} interleaved rounds of {PER_ROUND}, microseconds")
+    for name, v in samples.items():
+        v.sort()
+        print(f"  {name:30s} p10 {v[len(v) // 10] / 1e3:7.1f}  p50 {v[len(v) // 2] / 1e3:7.1f}"
+              f"  p90 {v[9 * len(v) // 10] / 1e3:7.1f}")
+    f.close()
+    s.close()
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--client":
+        client(sys.argv[2])
+        return 0
+    from run import Server   # the bench driver's rdax-server in the storage namespace
+
+    lab = dict(os.environ)
+    if lab.get("RDAX_LAB") != "1":
+        print("hotpath: run it in the lab: lab/run.sh 'python tests/bench/hotpath.py'", file=sys.stderr)
+        return 2
+    root = Path(lab["RDAX_DAX_MOUNT"]) / "hotpath"
+    root.mkdir(exist_ok=True)
+    server = Server(lab, root, Path("/tmp/hotpath-server.log"))
+    try:
+        return subprocess.call(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, __file__,
+                                "--client", server.target])
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
