@@ -202,9 +202,10 @@ class RemoteFile:
             # One request (the common small write), without the staging loop:
             # each Python step before the post adds to the write's latency.
             s.staging.view()[:total] = view
-            c = Chunk(s.staging.addr, s.staging.lkey, total, self.grant.rkey, self._remote(offset))
+            rkey, raddr = self.grant.rkey, self._remote(offset)
+            c = Chunk(s.staging.addr, s.staging.lkey, total, rkey, raddr)
             if flush:
-                s.conn.write_flush([c], c.rkey, c.raddr, total)
+                s.conn.write_flush([c], rkey, raddr, total)
             else:
                 s.conn.write([c])
             return total

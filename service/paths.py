@@ -23,6 +23,7 @@ class ResolvedPath(NamedTuple):
 
     fd: int
     relpath: str
+    created: bool = False   # this call made the file (create=True and it did not exist)
 
 
 def resolve_beneath(
@@ -40,14 +41,30 @@ def resolve_beneath(
     try:
         parent_fd = _walk_dirs(root_fd, parts[:-1], canonical)
         try:
-            fd = _open_leaf(parent_fd, parts[-1], canonical, create, mode)
+            fd, created = _open_leaf(parent_fd, parts[-1], canonical, create, mode)
         finally:
             if parent_fd != root_fd:
                 os.close(parent_fd)
     finally:
         if owns_root:
             os.close(root_fd)
-    return ResolvedPath(fd, canonical)
+    return ResolvedPath(fd, canonical, created)
+
+
+def unlink_beneath(root_fd: int, relpath: str, fd: int) -> None:
+    """Remove `relpath` beneath `root_fd` if the name still leads to the file open as `fd`: undoes a
+    create when what followed it failed. (A rename in between leaves the name alone.)"""
+    parts = split_relpath(relpath)
+    parent_fd = _walk_dirs(root_fd, parts[:-1], relpath)
+    try:
+        named, mine = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False), os.fstat(fd)
+        if (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino):
+            os.unlink(parts[-1], dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        if parent_fd != root_fd:
+            os.close(parent_fd)
 
 
 def split_relpath(relpath: str) -> list[str]:
@@ -113,10 +130,11 @@ def _dir_error(exc: OSError, dir_fd: int, name: str, shown: str, canonical: str)
     return _os_error(exc, canonical)
 
 
-def _open_leaf(dir_fd: int, name: str, canonical: str, create: bool, mode: int) -> int:
+def _open_leaf(dir_fd: int, name: str, canonical: str, create: bool, mode: int) -> tuple[int, bool]:
+    """The file's descriptor, and whether this call created it."""
     if create:
         try:
-            return os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
+            return os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd), True
         except FileExistsError:
             pass  # create-or-open: an existing regular file is what the caller wants
         except OSError as exc:
@@ -133,7 +151,7 @@ def _open_leaf(dir_fd: int, name: str, canonical: str, create: bool, mode: int) 
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, False
 
 
 def _lstat(dir_fd: int, name: str, canonical: str) -> os.stat_result:

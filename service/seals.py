@@ -10,7 +10,7 @@ from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError
 from .grants import PAGE_SIZE, Grant
 from .lease import FileLease, lease_state
 from .mapping import DaxMapping, MappingError
-from .paths import resolve_beneath, split_relpath
+from .paths import resolve_beneath, split_relpath, unlink_beneath
 from .prepare import PreparedFile, prepare_file
 
 SEALED = "SEALED"
@@ -68,6 +68,8 @@ def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, m
     resolved = resolve_beneath(root_fd, relpath, create=create)
     with contextlib.ExitStack() as undo:
         undo.callback(os.close, resolved.fd)
+        if resolved.created:   # a Seal that fails leaves no file it made (undone before the close above)
+            undo.callback(unlink_beneath, root_fd, resolved.relpath, resolved.fd)
         # Lease before preparing: nobody else may write while zero-filled ranges are chosen and written.
         lease = FileLease(resolved.fd)
         undo.callback(lease.release)

@@ -139,6 +139,18 @@ def test_seal_bad_request_leaves_nothing_bad_flow(node: Node, path: str, length:
     assert open_fds() == fds and node.list_seals(sid) == []
 
 
+def test_seal_create_that_fails_leaves_no_file_it_made_bad_flow(node: Node, export_root: Path) -> None:
+    sid = session(node)
+    (export_root / "kept").write_bytes(b"mine")
+    fds = open_fds()
+    for name in ("new", "kept"):
+        with pytest.raises(RdaxError):
+            node.seal(sid, name, 1 << 46, create=True)   # 64 TiB: no test filesystem preallocates that
+    assert not (export_root / "new").exists(), "a failed Seal(create=True) left the file it made"
+    assert (export_root / "kept").read_bytes() == b"mine", "a failed Seal removed a file it did not make"
+    assert open_fds() == fds and node.list_seals(sid) == []
+
+
 def test_seal_file_open_elsewhere_bad_flow(node: Node, export_root: Path) -> None:
     path = export_root / "busy"
     path.write_bytes(bytes(PAGE))
@@ -158,7 +170,7 @@ def test_seal_map_sync_on_ext4_bad_flow(make_node, export_root: Path) -> None:
     with pytest.raises(FailedPrecondition, match="not on a DAX filesystem"):
         node.seal(sid, "f", PAGE, create=True)
     assert open_fds() == fds
-    assert not is_leased(export_root / "f") and not is_mapped(export_root / "f")
+    assert not (export_root / "f").exists(), "the failed Seal left the file it created"
 
 
 def test_seal_symlink_bad_flow(node: Node, export_root: Path, tmp_path: Path) -> None:

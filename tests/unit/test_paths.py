@@ -26,7 +26,7 @@ def _open_fds() -> set[str]:
 
 
 def test_resolve_existing_file_returns_rdwr_cloexec_fd(root: Path) -> None:
-    fd, rel = resolve_beneath(root, "d/f.bin")
+    fd, rel, created = resolve_beneath(root, "d/f.bin")
     try:
         assert rel == "d/f.bin"
         assert os.path.samestat(os.fstat(fd), os.stat(root / "d" / "f.bin"))
@@ -41,7 +41,7 @@ def test_resolve_existing_file_returns_rdwr_cloexec_fd(root: Path) -> None:
 def test_resolve_root_fd_accepted_and_left_open(root: Path) -> None:
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd, rel = resolve_beneath(root_fd, "d/f.bin")
+        fd, rel, created = resolve_beneath(root_fd, "d/f.bin")
         os.close(fd)
         assert rel == "d/f.bin"
         assert stat.S_ISDIR(os.fstat(root_fd).st_mode)
@@ -50,7 +50,7 @@ def test_resolve_root_fd_accepted_and_left_open(root: Path) -> None:
 
 
 def test_resolve_canonicalises_dot_and_empty_components(root: Path) -> None:
-    fd, rel = resolve_beneath(root, "./d//./f.bin")
+    fd, rel, created = resolve_beneath(root, "./d//./f.bin")
     os.close(fd)
     assert rel == "d/f.bin"
 
@@ -154,10 +154,10 @@ def test_resolve_create_missing_parent_bad_flow(root: Path) -> None:
 
 
 def test_resolve_create_makes_private_empty_file(root: Path) -> None:
-    fd, rel = resolve_beneath(root, "d/new.bin", create=True)
+    fd, rel, created = resolve_beneath(root, "d/new.bin", create=True)
     try:
         st = os.fstat(fd)
-        assert rel == "d/new.bin"
+        assert rel == "d/new.bin" and created
         assert os.path.samestat(st, os.stat(root / "d" / "new.bin"))
         assert stat.S_ISREG(st.st_mode) and st.st_size == 0
         assert stat.S_IMODE(st.st_mode) & 0o077 == 0
@@ -166,9 +166,9 @@ def test_resolve_create_makes_private_empty_file(root: Path) -> None:
 
 
 def test_resolve_create_existing_keeps_content(root: Path) -> None:
-    fd, _ = resolve_beneath(root, "d/f.bin", create=True)
+    fd, _, created = resolve_beneath(root, "d/f.bin", create=True)
     try:
-        assert os.pread(fd, 100, 0) == b"inside"
+        assert os.pread(fd, 100, 0) == b"inside" and not created
     finally:
         os.close(fd)
 
