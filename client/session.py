@@ -199,8 +199,10 @@ class RemoteFile:
         self._check(offset, total, transfer=True)
         s = self.session
         if 0 < total <= s.chunk and total <= s.staging.length:
-            # One request (the common small write), without the staging loop:
-            # each Python step before the post adds to the write's latency.
+            # One request (the common small write), without the staging loop
+            # and its helpers: each Python step before the post adds to the
+            # write's latency (about 100 us of a 4 KiB write+flush in the lab,
+            # tests/bench/hotpath.py).
             s.staging.view()[:total] = view
             rkey, raddr = self.grant.rkey, self._remote(offset)
             c = Chunk(s.staging.addr, s.staging.lkey, total, rkey, raddr)
@@ -210,10 +212,10 @@ class RemoteFile:
                 s.conn.write([c])
             return total
         done = 0
-        while done < len(view):
-            n = min(s.staging.length, len(view) - done)
+        while done < total:
+            n = min(s.staging.length, total - done)
             s.staging.view()[:n] = view[done:done + n]
-            last = done + n == len(view)
+            last = done + n == total
             self._post_staged(offset + done, n, flush_from=offset if (flush and last) else None)
             done += n
         return done

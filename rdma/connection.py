@@ -152,13 +152,13 @@ class Connection:
         given, as many per wr_start/wr_complete as the queue has room for. A
         request is signalled when `signal_every` went unsignalled, and the last
         one when `signal_last`. `describe()` gives the error arguments."""
-        n = len(chunks) + (tail is not None)
+        nchunks = len(chunks)
+        n = nchunks + (tail is not None)
         if n and signal_last and n <= self.depth - self._in_flight and self._unsignalled + n <= self.signal_every:
             self._post_fitting(verb, describe, chunks, n, read, tail)
             return
         qp, sge = self.qp, self._sge
         rdma = qp.wr_rdma_read if read else qp.wr_rdma_write
-        nchunks = len(chunks)
         every, last = self.signal_every, (n - 1 if signal_last else -1)
         i = 0
         while i < n:

@@ -84,6 +84,7 @@ class Grant:
     expires_at: float | None      # on the node's monotonic clock; None: ends with the session
     expires_unix_ms: int
 
-    def descriptor(self) -> GrantDescriptor:
+    def descriptor(self, write_alignment: int = 1) -> GrantDescriptor:
+        """What the client gets; `write_alignment` is the node's (its canary measured it)."""
         return GrantDescriptor(self.id, self.seal_id, self.remote_addr, self.rkey, self.offset, self.length,
-                               self.access, self.epoch, self.expires_unix_ms)
+                               self.access, self.epoch, self.expires_unix_ms, write_alignment)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import threading
@@ -17,11 +16,11 @@ from typing import Callable, Iterator, Sequence
 from . import revocation
 from .fanotify import SealWatcher, describe
 from .fiemap import check_stable, summary
-from .prepare import block_map
+from .prepare import block_map, check_length
 from .errors import FailedPrecondition, NotFound, PermissionDenied, RdaxError, ResourceExhausted, Unavailable
 from .fabric_api import Endpoint, Fabric, Region
 from .grants import Grant, GrantDescriptor, access_label, check_access, check_range
-from .seals import SEALED, Seal, SealInfo, canonical_path, check_commit_range, check_seal_length, open_sealed_file
+from .seals import SEALED, Seal, SealInfo, canonical_path, check_commit_range, open_sealed_file
 from .sessions import ChannelCloser, Event, EventKind, Session, check_client
 
 log = logging.getLogger("rdax.service")
@@ -121,7 +120,7 @@ class Node:
     def seal(self, session_id: str, path: str, length: int, create: bool = False) -> SealInfo:
         """Seal [0, length) of `path`, or join the seal another session holds on it."""
         relpath = canonical_path(path)
-        check_seal_length(length)
+        check_length(length)   # before anything is opened
         with self._sealing:
             with self._lock:
                 session = self._session(session_id)
@@ -214,7 +213,7 @@ class Node:
             session.grants[grant.id] = grant
             log.info("granted %s [%d, %d) of %s to session %s as %s (rkey %#x)", access_label(access), offset,
                      offset + length, seal.id, session.id, grant.id, grant.rkey)
-            return dataclasses.replace(grant.descriptor(), write_alignment=self.write_alignment)
+            return grant.descriptor(self.write_alignment)
 
     def release(self, session_id: str, grant_id: str) -> None:
         """Give a grant back: its region is deregistered (no epoch bump: nothing was taken from anyone)."""

@@ -32,7 +32,7 @@ def prepare_file(fd: int, length: int) -> PreparedFile:
     The caller should hold a write lease (lease.FileLease) so that nobody
     writes to the file while the zero-filled ranges are chosen and written.
     """
-    _check_length(length)
+    check_length(length)
     _check_regular(fd)
     _allocate(fd, length)
     # SYNC in read_extents flushes dirty pages first, so a range still reported
@@ -55,13 +55,14 @@ def block_map(fd: int, length: int) -> list[Extent]:
     return clip(read_extents(fd, 0, length), length)
 
 
-def _check_length(length: int) -> None:
+def check_length(length: int) -> None:
+    """A length to prepare (and to seal: the node checks it before opening anything)."""
     if length <= 0:
         raise InvalidArgument(f"length {length} must be positive: it is the number of bytes to seal from offset 0")
     if length % PAGE_SIZE:
         rounded = -(-length // PAGE_SIZE) * PAGE_SIZE
         raise InvalidArgument(
-            f"length {length} is not a multiple of the {PAGE_SIZE}-byte page size: "
+            f"length {length} is not a multiple of {PAGE_SIZE}, the {PAGE_SIZE}-byte page size: "
             f"DAX mappings are made of whole pages, ask for {rounded} instead"
         )
 

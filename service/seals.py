@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError
-from .grants import PAGE_SIZE, Grant
+from .grants import Grant
 from .lease import FileLease, lease_state
 from .mapping import DaxMapping, MappingError
 from .paths import resolve_beneath, split_relpath, unlink_beneath
@@ -20,16 +20,6 @@ REVOKED = "REVOKED"
 def canonical_path(relpath: str) -> str:
     """The key a seal is known by: `relpath` without '.' and empty components (checked lexically)."""
     return "/".join(split_relpath(relpath))
-
-
-def check_seal_length(length: int) -> None:
-    """Checked before any file is opened; prepare_file checks the same again."""
-    if length <= 0:
-        raise InvalidArgument(f"length {length} must be positive: it is the number of bytes to seal from offset 0")
-    if length % PAGE_SIZE:
-        rounded = -(-length // PAGE_SIZE) * PAGE_SIZE
-        raise InvalidArgument(
-            f"length {length} is not a multiple of {PAGE_SIZE}: a seal is mapped in whole pages, ask for {rounded}")
 
 
 def check_commit_range(offset: int, length: int, seal_length: int) -> None:
