@@ -1,11 +1,14 @@
 """Open a client-supplied relative path beneath an export root without ever leaving it."""
 
 import errno
+import logging
 import os
 import stat
 from typing import NamedTuple
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, RdaxError, Unavailable
+
+log = logging.getLogger(__name__)
 
 # O_NOFOLLOW on every component is what keeps the walk beneath the root: a
 # symlink, wherever it points, is refused rather than followed.
@@ -54,14 +57,22 @@ def resolve_beneath(
 def unlink_beneath(root_fd: int, relpath: str, fd: int) -> None:
     """Remove `relpath` beneath `root_fd` if the name still leads to the file open as `fd`: undoes a
     create when what followed it failed. (A rename in between leaves the name alone.)"""
+    # It runs while another error unwinds: it must not replace that error
+    # with its own, so a name it cannot remove is logged and left.
     parts = split_relpath(relpath)
-    parent_fd = _walk_dirs(root_fd, parts[:-1], relpath)
+    try:
+        parent_fd = _walk_dirs(root_fd, parts[:-1], relpath)
+    except RdaxError as exc:
+        log.warning("could not remove %r after a failed create: %s", relpath, exc)
+        return
     try:
         named, mine = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False), os.fstat(fd)
         if (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino):
             os.unlink(parts[-1], dir_fd=parent_fd)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("could not remove %r after a failed create: %s", relpath, exc)
     finally:
         if parent_fd != root_fd:
             os.close(parent_fd)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rdax.service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, RdaxError
-from rdax.service.paths import resolve_beneath
+from rdax.service.paths import resolve_beneath, unlink_beneath
 
 
 @pytest.fixture
@@ -186,3 +186,20 @@ def test_resolve_failures_leak_no_descriptor_bad_flow(root: Path, tmp_path: Path
         with pytest.raises(RdaxError):
             resolve_beneath(root, relpath)
     assert _open_fds() == before
+
+
+def test_unlink_beneath_removes_only_the_file_it_was_given(root: Path) -> None:
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    fd, rel, created = resolve_beneath(root_fd, "d/new.bin", create=True)
+    try:
+        os.rename(root / "d" / "new.bin", root / "d" / "moved.bin")
+        (root / "d" / "new.bin").write_bytes(b"someone else's")
+        unlink_beneath(root_fd, rel, fd)   # the name now leads elsewhere: left alone
+        assert (root / "d" / "new.bin").read_bytes() == b"someone else's"
+        os.rename(root / "d" / "moved.bin", root / "d" / "new.bin")
+        unlink_beneath(root_fd, rel, fd)
+        assert not (root / "d" / "new.bin").exists()
+        unlink_beneath(root_fd, "gone/new.bin", fd)   # cleanup never raises over the error it follows
+    finally:
+        os.close(fd)
+        os.close(root_fd)
