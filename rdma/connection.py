@@ -5,7 +5,7 @@ and selective signalling."""
 from __future__ import annotations
 
 import os
-import random
+import secrets
 import time
 from errno import ENOENT
 from dataclasses import dataclass
@@ -84,7 +84,7 @@ class Connection:
         # requests would drain the pipeline at each completion).
         self.signal_every = max(1, min(signal_every, depth // 2))
         self.remote_access = remote_access
-        self.psn = random.getrandbits(24)
+        self.psn = secrets.randbits(24)   # not `random`: an initial PSN an attacker can guess helps forge packets
         self._unsignalled = 0   # posted since the last signalled request
         self._in_flight = 0     # posted and not yet retired by a completion
         try:

@@ -31,6 +31,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grant-ttl-seconds", type=float, default=None,
                         help="revoke grants this long after granting (default: they end with their session)")
     parser.add_argument("--max-grants-per-session", type=int, default=1024, help="(default %(default)s)")
+    parser.add_argument("--max-sessions", type=int, default=1024, help="live sessions on the node (default %(default)s)")
+    parser.add_argument("--open-session-rate", type=float, default=20.0,
+                        help="OpenSession calls per second per identity, burst twice that (default %(default)s)")
+    trust = parser.add_argument_group("trust", "mutual TLS and the policy (see README: Security); SIGHUP re-reads "
+                                               "the certificates, the key and the policy without dropping sessions")
+    trust.add_argument("--tls-cert", help="the node's certificate (PEM), with its IP/DNS names as SANs")
+    trust.add_argument("--tls-key", help="the node's private key (PEM)")
+    trust.add_argument("--tls-client-ca", help="CA certificate(s) (PEM) that sign client certificates")
+    trust.add_argument("--insecure", action="store_true",
+                       help="plaintext gRPC, no client certificates: every caller is the identity 'anonymous' (held "
+                            "to the policy like any other); for a lab, never for a network")
+    trust.add_argument("--policy", help="the authorization policy (TOML): who may seal which paths with which access, "
+                                        "and their quotas; required, default deny")
+    trust.add_argument("--audit-log", default="-",
+                       help="append one JSON line per security-relevant event to this file ('-': stderr, the default)")
     parser.add_argument("--log-level", default="INFO", help="(default %(default)s)")
     return parser.parse_args(argv)
 
@@ -51,24 +66,99 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
         raise Refused(f"--root {args.root!r} is not a directory")
+    # Trust first: a node that would serve without credentials or policy must not even touch the device.
+    tls = load_tls(args)
+    policy = load_policy(args)
     fabric = open_fabric(args)
     canary = check_data_path(fabric, args)
     # Imported late: grpc takes seconds to import in the lab, and a refused start needs none of it.
+    from .audit import Audit
+    from .limits import Limits
     from .node import Node
     from .server import serve
 
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    audit = Audit(args.audit_log)
+    limits = Limits(max_sessions=args.max_sessions, open_session_rate=args.open_session_rate,
+                    open_session_burst=max(1, int(2 * args.open_session_rate)))
     node = Node(args.root, fabric, lease_seconds=args.lease_seconds, grant_ttl_seconds=args.grant_ttl_seconds,
-                max_grants_per_session=args.max_grants_per_session, write_alignment=canary.write_alignment)
+                max_grants_per_session=args.max_grants_per_session, write_alignment=canary.write_alignment,
+                policy=policy, audit=audit, limits=limits)
+    audit.event("node_started", root=args.root, listen=args.listen, insecure=tls is None, policy=policy.source)
+
+    def on_reload() -> None:
+        reload_trust(args, tls, node)
+
     try:
-        serve(node, args.listen, stop, on_ready=lambda where: print(f"rdax-server listening on {where}", flush=True))
+        serve(node, args.listen, stop, credentials=None if tls is None else tls.credentials(),
+              on_ready=lambda where: print(f"rdax-server listening on {where}", flush=True),
+              on_reload=on_reload, reload=reload)
     except OSError as exc:
         node.shutdown()
         raise Refused(str(exc)) from exc
+    finally:
+        audit.close()
     log.info("stopped")
     return 0
+
+
+def load_tls(args: argparse.Namespace):  # -> ServerTls | None
+    """The node's TLS files, checked; None with --insecure (after a warning)."""
+    from .tls import ServerTls, TlsConfigError
+
+    given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-client-ca": args.tls_client_ca}
+    if args.insecure:
+        if any(given.values()):
+            raise Refused("--insecure and TLS files together: choose one (drop --insecure to require client "
+                          "certificates)")
+        log.warning("--insecure: plaintext gRPC, no client certificates; every caller is 'anonymous' and anyone who "
+                    "reaches %s may act as it. Use it in a lab only.", args.listen)
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise Refused(f"no TLS: {', '.join(missing)} missing. rdax-server requires mutual TLS: give --tls-cert, "
+                      f"--tls-key and --tls-client-ca (`rdax-admin certs` makes them), or --insecure for a lab")
+    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca)
+    try:
+        tls.check_files()
+    except TlsConfigError as exc:
+        raise Refused(str(exc)) from exc
+    return tls
+
+
+def load_policy(args: argparse.Namespace):  # -> Policy
+    from .policy import Policy, PolicyError
+
+    if not args.policy:
+        raise Refused("no --policy: rdax-server denies every identity by default, so it needs a policy file that "
+                      "says who may seal what (README: Security, 'The policy file')")
+    try:
+        return Policy.load(args.policy)
+    except PolicyError as exc:
+        raise Refused(str(exc)) from exc
+
+
+def reload_trust(args: argparse.Namespace, tls, node) -> None:
+    """SIGHUP: re-read certificates, key and policy; whatever does not load is refused and the old one kept."""
+    from .policy import Policy, PolicyError
+    from .tls import TlsConfigError
+
+    if tls is not None:
+        try:
+            tls.reload()
+            log.info("SIGHUP: TLS files re-read; new connections use them")
+            node.audit_log.event("tls_reloaded", cert=args.tls_cert)
+        except TlsConfigError as exc:
+            log.error("SIGHUP: keeping the old TLS files: %s", exc)
+            node.audit_log.event("tls_reload_refused", reason=str(exc))
+    try:
+        node.set_policy(Policy.load(args.policy))
+    except PolicyError as exc:
+        log.error("SIGHUP: keeping the old policy: %s", exc)
+        node.audit_log.event("policy_reload_refused", source=args.policy, reason=str(exc))
 
 
 def open_fabric(args: argparse.Namespace):  # -> RdmaFabric; untyped so that --help needs no pyverbs

@@ -35,6 +35,13 @@ class RdmaChannel:
         except VerbsError as exc:
             raise service_error(exc, "registering the grant's memory region") from exc
 
+    def failed(self) -> bool:
+        """Whether the QP went to the error state (a remote access error, a broken peer): it carries nothing more."""
+        try:
+            return self.connection.state() in ("ERR", "SQE")
+        except Exception:   # closed under us by the teardown thread: not ours to judge any more
+            return False
+
     def close(self) -> None:
         # QP and CQ before the PD they live in; pyverbs closes remaining MRs with the PD.
         self.connection.close()

@@ -38,6 +38,10 @@ class Channel(Protocol):
         """Register [addr, addr+length) of this process in the channel's PD; `access` is an OR of grants.ACCESS_* bits."""
         ...
 
+    def failed(self) -> bool:
+        """True once the QP is in the error state (after a remote access error, say): the session is unusable."""
+        ...
+
     def close(self) -> None:
         """Destroy the QP and the PD. Can be slow (rxe): the node calls it off the request path."""
         ...

@@ -5,28 +5,49 @@
 # tables and the rules that join them: who may do what, and what goes when.
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
 import logging
 import os
+import secrets
 import threading
 import time
-import uuid
 from typing import Callable, Iterator, Sequence
 
 from . import revocation
 from .fanotify import SealWatcher, describe
 from .fiemap import check_stable, summary
 from .prepare import block_map, check_length
-from .errors import FailedPrecondition, NotFound, PermissionDenied, RdaxError, ResourceExhausted, Unavailable
+from .audit import Audit, NullAudit, quote
+from .errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, RdaxError,
+                     ResourceExhausted, Unavailable)
 from .fabric_api import Endpoint, Fabric, Region
 from .grants import Grant, GrantDescriptor, access_label, check_access, check_range
+from .limits import MAX_COMMIT_RANGES, Limits, TokenBucket, ViolationLog
+from .policy import Policy, Rule
 from .seals import SEALED, Seal, SealInfo, canonical_path, check_commit_range, open_sealed_file
-from .sessions import ChannelCloser, Event, EventKind, Session, check_client
+from .sessions import AsyncFollower, ChannelCloser, Event, EventKind, Session, canonical_gid, check_client
 
 log = logging.getLogger("rdax.service")
 
 LEASE_BREAK_REASON = "lease break: another process opened or truncated the file"
 _ENDED_SESSIONS_KEPT = 1024   # how many ended session ids are remembered, for helpful NOT_FOUND messages
+MAX_FILE_BYTES = (1 << 63) - 4096   # off_t is signed 64-bit; beyond it the kernel calls fail before any filesystem
+ANONYMOUS = "anonymous"       # every caller of a node started with --insecure
+# An access error this soon after the node revoked one of the session's grants is a client that had not heard
+# of the revocation yet, not an attack: it ends the session but does not count against the identity.
+_REVOCATION_EXCUSES_SECONDS = 120.0
+
+
+@dataclasses.dataclass
+class Usage:
+    """What one identity holds on the node, against its quotas (policy.Quotas)."""
+
+    sessions: int = 0
+    grants: int = 0
+    sealed_bytes: int = 0      # the lengths of the seals its sessions hold, once per hold
+    watch_streams: int = 0
 
 
 class OpenedSession:
@@ -48,7 +69,8 @@ class Node:
     def __init__(self, export_root: str | os.PathLike[str], fabric: Fabric, *, lease_seconds: int = 30,
                  grant_ttl_seconds: float | None = None, max_grants_per_session: int = 1024,
                  map_sync: bool = True, watch_seals: bool = True, audit_seconds: float = 5.0,
-                 write_alignment: int = 1,
+                 write_alignment: int = 1, policy: Policy | None = None, audit: Audit | None = None,
+                 limits: Limits = Limits(),
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if lease_seconds <= 0:
@@ -62,13 +84,26 @@ class Node:
         self._map_sync = map_sync
         self._clock = clock
         self._wall_clock = wall_clock
+        # Default deny: a node without a policy refuses every identity.
+        self.policy = policy if policy is not None else Policy.parse("", "<no policy>")
+        self.audit_log = audit if audit is not None else NullAudit()
+        self.limits = limits
         self._root_fd = os.open(export_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._lock = threading.RLock()
-        self._sealing = threading.Lock()   # one Seal at a time opens files, so a path is never opened twice
+        # One Seal at a time per path (never per node: preparing a large file must not hold up other paths),
+        # so that a path is never opened twice.
+        self._sealing_paths: dict[str, tuple[threading.Lock, int]] = {}
+        self._seals_in_progress = 0
+        self._no_seal_in_progress = threading.Condition(self._lock)
+        self._usage: dict[str, Usage] = collections.defaultdict(Usage)
+        self._by_identity: dict[str, dict[str, Session]] = {}   # identity -> its live sessions by id
+        self._open_rate = TokenBucket(limits.node_open_session_rate, limits.node_open_session_burst, clock)
+        self._open_rate_by_identity: dict[str, TokenBucket] = {}
+        self._violations = ViolationLog(limits, clock)
         self._sessions: dict[str, Session] = {}
         self._seals: dict[str, Seal] = {}
         self._live_seal_by_path: dict[str, Seal] = {}   # SEALED ones only: a revoked path can be sealed anew
-        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._ended: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()   # id -> (identity, why)
         self._draining = False
         self._stop = threading.Event()
         revocation.install_sigio_guard()   # before any lease, and before the threads below so they inherit it
@@ -84,111 +119,251 @@ class Node:
         self._reaper.start()
 
     # -- sessions -------------------------------------------------------------
-    def open_session(self, client_id: str, endpoint: Endpoint | None) -> OpenedSession:
+    def open_session(self, client_id: str, endpoint: Endpoint | None, *, identity: str = ANONYMOUS,
+                     cert_not_after: float | None = None, peer: str = "") -> OpenedSession:
         check_client(client_id, endpoint)
         assert endpoint is not None
+        endpoint = dataclasses.replace(endpoint, gid=canonical_gid(endpoint.gid))
         with self._lock:
             self._check_serving()
-        channel = self._fabric.open_channel(endpoint)
-        session = Session(_new_id("sess"), client_id, channel, self._clock() + self.lease_seconds)
+            rule = self._rule(identity)
+            self._check_session_limits(identity, rule)
+            self._usage[identity].sessions += 1   # reserved now: the QP is made outside the lock
+        try:
+            channel = self._fabric.open_channel(endpoint)
+        except BaseException:
+            with self._lock:
+                self._usage[identity].sessions -= 1
+            raise
+        session = Session(secrets.token_urlsafe(24), client_id, channel, self._clock() + self.lease_seconds,
+                          identity=identity, handle=_new_id("s"), cert_not_after=cert_not_after)
         with self._lock:
             if self._draining:
-                self._closer.close_later(channel, f"session {session.id}")
+                self._usage[identity].sessions -= 1
+                self._closer.close_later(channel, f"session {session.handle}")
                 raise Unavailable("the node is shutting down: open a session on another node or retry later")
             self._sessions[session.id] = session
-        log.info("session %s opened for client %r (node qpn %d, client qpn %d)",
-                 session.id, client_id, channel.endpoint.qpn, endpoint.qpn)
+            self._by_identity.setdefault(identity, {})[session.id] = session
+        log.info("session %s opened for %s, client %r (node qpn %d, client qpn %d)", session.handle, identity,
+                 quote(client_id, 64), channel.endpoint.qpn, endpoint.qpn)
+        self.audit_log.event("session_opened", identity=identity, session=session.handle, peer=peer,
+                             client_id=quote(client_id, 64), node_qpn=channel.endpoint.qpn, client_qpn=endpoint.qpn)
         return OpenedSession(session.id, channel.endpoint, self.lease_seconds)
 
-    def heartbeat(self, session_id: str) -> int:
+    def _check_session_limits(self, identity: str, rule: Rule) -> None:
+        refused_for = self._violations.refused_for(identity)
+        if refused_for:
+            raise PermissionDenied(
+                f"identity {identity!r} is refused new sessions for another {refused_for:.0f} s: its sessions caused "
+                f"more than {self.limits.violations_allowed} remote access violations within "
+                f"{self.limits.violation_window:.0f} s (RDMA outside its grants); fix the client, then retry")
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(f"the node holds {len(self._sessions)} sessions, its limit "
+                                    f"(--max-sessions {self.limits.max_sessions}): retry later or use another node")
+        usage = self._usage[identity]
+        if usage.sessions >= rule.quotas.max_sessions:
+            raise ResourceExhausted(
+                f"identity {identity!r} already has {usage.sessions} sessions, its quota (max_sessions "
+                f"{rule.quotas.max_sessions} in {self.policy.source}): close sessions it no longer uses")
+        bucket = self._open_rate_by_identity.get(identity)
+        if bucket is None:
+            bucket = self._open_rate_by_identity[identity] = TokenBucket(
+                self.limits.open_session_rate, self.limits.open_session_burst, self._clock)
+        for scope, limiter in ((f"identity {identity!r}", bucket), ("the node", self._open_rate)):
+            wait = limiter.take()
+            if wait:
+                raise ResourceExhausted(
+                    f"OpenSession is limited to {limiter.rate:g} per second (burst {limiter.burst}) for {scope}: "
+                    f"retry in {wait:.2f} s, and reuse a session instead of opening one per operation")
+
+    def heartbeat(self, session_id: str, *, identity: str = ANONYMOUS) -> int:
         with self._lock:
-            self._session(session_id)   # renews it
+            self._session(session_id, identity)   # renews it
             return self.lease_seconds
 
-    def close_session(self, session_id: str) -> None:
+    def close_session(self, session_id: str, *, identity: str = ANONYMOUS) -> None:
         with self._lock:
-            self._end_session(self._session(session_id), None, "session closed")
+            self._end_session(self._session(session_id, identity), None, "session closed")
 
     def watch(self, session_id: str, keep_going: Callable[[], bool] = lambda: True,
-              poll_seconds: float = 0.5) -> Iterator[Event]:
+              poll_seconds: float = 0.5, *, identity: str = ANONYMOUS) -> Iterator[Event]:
         """The session's events as they come (and any that came while nobody watched); ends with the session."""
         with self._lock:
-            session = self._session(session_id)
+            session = self._session(session_id, identity)
             return session.events.follow(keep_going, poll_seconds)
 
+    def watch_async(self, session_id: str, loop: asyncio.AbstractEventLoop, *,
+                    identity: str = ANONYMOUS) -> AsyncFollower:
+        """Like watch(), for an asyncio Watch stream: holds no thread while it waits. close() the follower when done;
+        the identity's concurrent streams are held to its quota."""
+        with self._lock:
+            session = self._session(session_id, identity)
+            usage = self._usage[identity]
+            quota = self._rule(identity).quotas.max_watch_streams
+            if usage.watch_streams >= quota:
+                raise ResourceExhausted(
+                    f"identity {identity!r} already has {usage.watch_streams} Watch streams open, its quota "
+                    f"(max_watch_streams {quota} in {self.policy.source}): one stream per session is enough")
+            usage.watch_streams += 1
+            follower = session.events.subscribe_async(loop)
+        original_close = follower.close
+
+        def close() -> None:
+            original_close()
+            with self._lock:
+                usage.watch_streams -= 1
+        follower.close = close   # type: ignore[method-assign]
+        return follower
+
     # -- seals ----------------------------------------------------------------
-    def seal(self, session_id: str, path: str, length: int, create: bool = False) -> SealInfo:
+    def seal(self, session_id: str, path: str, length: int, create: bool = False, *,
+             identity: str = ANONYMOUS) -> SealInfo:
         """Seal [0, length) of `path`, or join the seal another session holds on it."""
         relpath = canonical_path(path)
         check_length(length)   # before anything is opened
-        with self._sealing:
+        if length > MAX_FILE_BYTES:
+            raise OutOfRange(f"length {length} is more than a file can hold here (at most {MAX_FILE_BYTES} bytes, "
+                             f"2^63 - 4096): seal a shorter length")
+        with self._lock:
+            session = self._session(session_id, identity)
+            rule = self.policy.check_seal(identity, relpath, create=False)
+            may_create = create and rule.create
+            existing = self._live_seal_by_path.get(relpath)
+            if existing is not None:
+                return self._join(existing, session, length)
+            self._reserve_sealed_bytes(identity, rule, length)
+            path_lock = self._path_lock(relpath)
+        try:
+            with path_lock:
+                return self._seal_new(session_id, identity, relpath, length, create, may_create)
+        finally:
             with self._lock:
-                session = self._session(session_id)
-                existing = self._live_seal_by_path.get(relpath)
-                if existing is not None:
-                    return self._join(existing, session, length)
-            # Slow (preallocation, zero-filling, fsync), so outside the node's lock;
-            # _sealing keeps another Seal of the same path from opening it meanwhile.
-            sealed_file = open_sealed_file(self._root_fd, relpath, length, create=create, map_sync=self._map_sync)
-            with self._lock:
-                try:
-                    session = self._session(session_id)   # it may have expired meanwhile
-                except RdaxError:
-                    sealed_file.close()
-                    raise
-                prepared = sealed_file.prepared
-                seal = Seal(_new_id("seal"), relpath, length, sealed_file, prepared.extent_count, prepared.fingerprint)
-                if self._seal_watcher is not None:
-                    try:
-                        seal.watch_key = self._seal_watcher.watch(sealed_file.fd)
-                    except OSError as exc:
-                        sealed_file.close()
-                        raise RdaxError(f"cannot watch {relpath!r} for seal breaks: {exc}") from exc
-                    self._seal_by_key[seal.watch_key] = seal
-                self._seals[seal.id] = seal
-                self._live_seal_by_path[relpath] = seal
-                self._add_holder(seal, session)
-                log.info("sealed %r (%d bytes, %d extents) as %s for session %s",
-                         relpath, length, prepared.extent_count, seal.id, session.id)
-                return seal.info()
+                self._release_path_lock(relpath)
+                self._usage[identity].sealed_bytes -= length   # the reservation; a hold that was made counts itself
 
-    def unseal(self, session_id: str, seal_id: str) -> int:
+    def _seal_new(self, session_id: str, identity: str, relpath: str, length: int, create: bool,
+                  may_create: bool) -> SealInfo:
+        with self._lock:
+            existing = self._live_seal_by_path.get(relpath)   # sealed by someone else while we waited for the path
+            if existing is not None:
+                return self._join(existing, self._session(session_id, identity), length)
+        # Slow (preallocation, zero-filling, fsync), so outside the node's lock; the path's lock keeps another
+        # Seal of the same path from opening it meanwhile.
+        try:
+            sealed_file = open_sealed_file(self._root_fd, relpath, length, create=may_create,
+                                           map_sync=self._map_sync)
+        except NotFound as exc:
+            if create and not may_create:
+                raise PermissionDenied(
+                    f"identity {identity!r} may not create files ({relpath!r} does not exist): seal an existing "
+                    f"file, or ask the operator for `create = true` in {self.policy.source}") from exc
+            raise
+        with self._lock:
+            try:
+                session = self._session(session_id, identity)   # it may have expired meanwhile
+                if self._draining:
+                    raise Unavailable("the node is shutting down: seal on another node or retry later")
+            except RdaxError:
+                sealed_file.close()
+                raise
+            prepared = sealed_file.prepared
+            seal = Seal(_new_id("seal"), relpath, length, sealed_file, prepared.extent_count, prepared.fingerprint)
+            if self._seal_watcher is not None:
+                try:
+                    seal.watch_key = self._seal_watcher.watch(sealed_file.fd)
+                except OSError as exc:
+                    sealed_file.close()
+                    raise RdaxError(f"cannot watch {relpath!r} for seal breaks: {exc}") from exc
+                self._seal_by_key[seal.watch_key] = seal
+            self._seals[seal.id] = seal
+            self._live_seal_by_path[relpath] = seal
+            self._add_holder(seal, session)
+            log.info("sealed %r (%d bytes, %d extents) as %s for session %s", relpath, length,
+                     prepared.extent_count, seal.id, session.handle)
+            self.audit_log.event("seal", identity=identity, session=session.handle, seal=seal.id, path=relpath,
+                                 length=length, joined=False)
+            return seal.info(session.id)
+
+    def _path_lock(self, relpath: str) -> threading.Lock:
+        lock, users = self._sealing_paths.get(relpath, (threading.Lock(), 0))
+        self._sealing_paths[relpath] = (lock, users + 1)
+        self._seals_in_progress += 1
+        return lock
+
+    def _release_path_lock(self, relpath: str) -> None:
+        lock, users = self._sealing_paths[relpath]
+        if users > 1:
+            self._sealing_paths[relpath] = (lock, users - 1)
+        else:
+            del self._sealing_paths[relpath]
+        self._seals_in_progress -= 1
+        self._no_seal_in_progress.notify_all()
+
+    def _reserve_sealed_bytes(self, identity: str, rule: Rule, length: int) -> None:
+        usage = self._usage[identity]
+        if usage.sealed_bytes + length > rule.quotas.max_sealed_bytes:
+            raise ResourceExhausted(
+                f"identity {identity!r} holds seals of {usage.sealed_bytes} bytes; {length} more would pass its "
+                f"quota (max_sealed_bytes {rule.quotas.max_sealed_bytes} in {self.policy.source}): unseal files "
+                f"it no longer writes, or seal less")
+        usage.sealed_bytes += length
+
+    def unseal(self, session_id: str, seal_id: str, *, identity: str = ANONYMOUS) -> int:
         """Drop the session's hold (and its grants); the last holder's unseal lets the file go. Returns the epoch."""
         with self._lock:
-            session = self._session(session_id)
+            session = self._session(session_id, identity)
             seal = self._held_seal(session, seal_id)
             self._drop_hold(seal, session, "unseal")
             return seal.epoch
 
-    def stat(self, session_id: str, seal_id: str) -> SealInfo:
+    def stat(self, session_id: str, seal_id: str, *, identity: str = ANONYMOUS) -> SealInfo:
         with self._lock:
-            self._session(session_id)
-            return self._seal(seal_id).info()
+            session = self._session(session_id, identity)
+            seal = self._seals.get(seal_id)
+            if seal is None or not self._may_see(session, seal):
+                raise self._unknown_seal(seal_id)
+            return seal.info(session.id)
 
-    def list_seals(self, session_id: str) -> list[SealInfo]:
+    def list_seals(self, session_id: str, *, identity: str = ANONYMOUS) -> list[SealInfo]:
+        """The seals the caller may see: those it holds, and those on paths its policy lets it seal."""
         with self._lock:
-            self._session(session_id)
-            return [seal.info() for seal in self._seals.values()]
+            session = self._session(session_id, identity)
+            return [seal.info(session.id) for seal in self._seals.values() if self._may_see(session, seal)]
 
-    def commit(self, session_id: str, seal_id: str, ranges: Sequence[tuple[int, int]]) -> int:
-        """msync(MS_SYNC) each (offset, length) range of the seal, or all of it for none; returns the bytes made durable."""
+    def _may_see(self, session: Session, seal: Seal) -> bool:
+        return session.id in seal.holders or self.policy.may_see(session.identity, seal.path)
+
+    def commit(self, session_id: str, seal_id: str, ranges: Sequence[tuple[int, int]], *,
+               identity: str = ANONYMOUS) -> int:
+        """msync(MS_SYNC) each (offset, length) range of the seal, or all of it for none; returns the bytes made durable.
+
+        The ranges are checked and synced outside the node's lock: a Commit holds up nobody but a revocation of
+        its own seal (which waits for the seal's mapping to be free before unmapping it).
+        """
+        if len(ranges) > MAX_COMMIT_RANGES:
+            raise InvalidArgument(f"Commit has {len(ranges)} ranges, at most {MAX_COMMIT_RANGES} are taken: merge "
+                                  f"adjacent ranges, send several Commits, or send none to commit the whole seal")
         with self._lock:
-            session = self._session(session_id)
+            session = self._session(session_id, identity)
             seal = self._held_seal(session, seal_id)
             if seal.state != SEALED:
                 raise FailedPrecondition(seal.revoked_message())
-            ranges = list(ranges) or [(0, seal.length)]
+            seal_length = seal.length
+        ranges = list(ranges) or [(0, seal_length)]
+        for offset, length in ranges:
+            check_commit_range(offset, length, seal_length)
+        with seal.io_lock:
+            mapping = seal.mapping   # FailedPrecondition if it was revoked meanwhile
             for offset, length in ranges:
-                check_commit_range(offset, length, seal.length)
-            for offset, length in ranges:
-                seal.mapping.sync(offset, length)
-            return sum(length for _, length in ranges)
+                mapping.sync(offset, length)
+        return sum(length for _, length in ranges)
 
     # -- grants ---------------------------------------------------------------
-    def grant(self, session_id: str, seal_id: str, offset: int, length: int, access: int) -> GrantDescriptor:
+    def grant(self, session_id: str, seal_id: str, offset: int, length: int, access: int, *,
+              identity: str = ANONYMOUS) -> GrantDescriptor:
         """One memory region over exactly [offset, offset+length) of the seal, with exactly `access`, in the session's PD."""
         with self._lock:
-            session = self._session(session_id)
+            session = self._session(session_id, identity)
             seal = self._held_seal(session, seal_id)
             if seal.file is not None and not seal.file.lease_intact():
                 # A break the watcher has not handled yet: no new grant on a file someone else is opening.
@@ -197,10 +372,16 @@ class Node:
                 raise FailedPrecondition(seal.revoked_message())
             check_access(access)
             check_range(offset, length, seal.length)
+            rule = self.policy.check_grant(identity, seal.path, access)
             if len(session.grants) >= self.max_grants_per_session:
                 raise ResourceExhausted(
-                    f"session {session.id} already holds {len(session.grants)} grants, this node's limit per "
-                    f"session: release grants it no longer needs before asking for more")
+                    f"session {session.handle} already holds {len(session.grants)} grants, this node's limit per "
+                    f"session (--max-grants-per-session): release grants it no longer needs before asking for more")
+            held = sum(len(other.grants) for other in self._by_identity.get(identity, {}).values())
+            if held >= rule.quotas.max_grants:
+                raise ResourceExhausted(
+                    f"identity {identity!r} already holds {held} grants, its quota (max_grants "
+                    f"{rule.quotas.max_grants} in {self.policy.source}): release grants it no longer needs")
             # Under the lock, so that a revocation cannot unmap the range between here and the table.
             remote_addr = seal.mapping.addr + offset
             region = session.channel.register(remote_addr, length, access)
@@ -212,17 +393,22 @@ class Node:
             seal.grants[grant.id] = grant
             session.grants[grant.id] = grant
             log.info("granted %s [%d, %d) of %s to session %s as %s (rkey %#x)", access_label(access), offset,
-                     offset + length, seal.id, session.id, grant.id, grant.rkey)
+                     offset + length, seal.id, session.handle, grant.id, grant.rkey)
+            self.audit_log.event("grant", identity=identity, session=session.handle, seal=seal.id, path=seal.path,
+                                 grant=grant.id, offset=offset, length=length, access=access_label(access),
+                                 rkey=grant.rkey)
             return grant.descriptor(self.write_alignment)
 
-    def release(self, session_id: str, grant_id: str) -> None:
+    def release(self, session_id: str, grant_id: str, *, identity: str = ANONYMOUS) -> None:
         """Give a grant back: its region is deregistered (no epoch bump: nothing was taken from anyone)."""
         with self._lock:
-            session = self._session(session_id)
+            session = self._session(session_id, identity)
             grant = session.grants.get(grant_id)
             if grant is None:
-                raise self._unknown_grant(grant_id)
+                raise NotFound(f"grant {quote(grant_id, 64)!r} is not one of this session's: it was released, "
+                               f"revoked or expired, or never existed; Grant again if you need access")
             revocation.take_back(self._seals[grant.seal_id], [grant], self._sessions)
+            self.audit_log.event("release", identity=identity, session=session.handle, grant=grant.id)
 
     # -- revocation -----------------------------------------------------------
     def revoke(self, seal_id: str, reason: str, kind: EventKind = EventKind.REVOKED) -> None:
@@ -269,16 +455,71 @@ class Node:
             return moved
 
     def reap(self) -> None:
-        """End sessions not renewed within the lease and revoke grants past their time to live."""
+        """End sessions not renewed within the lease, whose certificate expired or whose QP failed; revoke grants
+        past their time to live."""
         now = self._clock()
+        wall = self._wall_clock()
         with self._lock:
             for session in [s for s in self._sessions.values() if s.expires_at <= now]:
                 self._end_session(session, EventKind.SESSION_EXPIRED,
                                   f"session expired: no heartbeat within {self.lease_seconds} s")
+            for session in [s for s in self._sessions.values()
+                            if s.cert_not_after is not None and s.cert_not_after <= wall]:
+                self._end_session(session, EventKind.SESSION_EXPIRED,
+                                  "session expired: the client's certificate expired; connect with a renewed one")
             for seal in list(self._live_seal_by_path.values()):
                 expired = [g for g in seal.grants.values() if g.expires_at is not None and g.expires_at <= now]
                 revocation.revoke_grants(seal, expired, f"grant expired after {self.grant_ttl_seconds} s",
                                          self._sessions, self._unix_ms())
+            sessions = list(self._sessions.values())
+        # Querying each QP is a syscall: outside the lock.
+        failed = [s for s in sessions if s.channel.failed()]
+        for session in failed:
+            self._end_failed_session(session)
+
+    def _end_failed_session(self, session: Session) -> None:
+        """A session whose QP went to the error state: end it (its grants revoked, its client told) and, unless a
+        revocation explains it, count it as a remote access violation of its identity."""
+        with self._lock:
+            if self._sessions.get(session.id) is not session:
+                return
+            excused = self._unix_ms() - session.last_revoked_unix_ms < _REVOCATION_EXCUSES_SECONDS * 1000
+            reason = ("session ended: its QP went to the error state after the node revoked one of its grants; "
+                      "open a new session" if excused else
+                      "session ended: its QP went to the error state (an RDMA access outside its grants, or a "
+                      "broken connection); open a new session and access only what was granted")
+            self._end_session(session, EventKind.SESSION_ENDED, reason)
+            refused = False if excused else self._violations.record(session.identity)
+        log.warning("session %s of %s: QP in the error state%s", session.handle, session.identity,
+                    " after a revocation" if excused else " (remote access violation)")
+        self.audit_log.event("violation" if not excused else "qp_error", identity=session.identity,
+                             session=session.handle, excused_by_revocation=excused, identity_refused=refused)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Take a new policy (SIGHUP). What it no longer allows is revoked in the safe order, holders told why."""
+        with self._lock:
+            old, self.policy = self.policy, policy
+            why = f"policy changed ({policy.source} reloaded)"
+            for seal in list(self._live_seal_by_path.values()):
+                for session_id in list(seal.holders):
+                    session = self._sessions.get(session_id)
+                    if session is None:
+                        continue
+                    allowed = policy.allowed_access(session.identity, seal.path)
+                    if not allowed:
+                        self._drop_hold(seal, session, f"{why}: {session.identity!r} may no longer seal "
+                                                       f"{seal.path!r}")
+                        continue
+                    lost = [g for g in seal.grants.values() if g.session_id == session_id and g.access & ~allowed]
+                    if lost:
+                        revocation.revoke_grants(seal, lost, f"{why}: {session.identity!r} may no longer have "
+                                                 f"{access_label(lost[0].access)} on {seal.path!r}",
+                                                 self._sessions, self._unix_ms())
+                        for grant in lost:
+                            self.audit_log.event("revoke", identity=session.identity, session=session.handle,
+                                                 grant=grant.id, seal=seal.id, reason=why)
+        log.info("policy %s in force (was %s)", policy.source, old.source)
+        self.audit_log.event("policy_loaded", source=policy.source, rules=len(policy.rules))
 
     # -- shutdown -------------------------------------------------------------
     def shutdown(self, reason: str = "the node is shutting down", teardown_timeout: float = 10.0) -> bool:
@@ -291,9 +532,10 @@ class Node:
                 self._revoke(seal, reason, EventKind.SHUTDOWN)
             for session in list(self._sessions.values()):
                 self._end_session(session, EventKind.SHUTDOWN, reason)
-        # A Seal in progress holds _sealing while it opens and leases a file; once
-        # it is through (and has let the file go: we are draining), no lease is left.
-        with self._sealing:
+            # A Seal in progress holds its path's lock while it opens and leases a file; once
+            # it is through (and has let the file go: we are draining), no lease is left.
+            while self._seals_in_progress:
+                self._no_seal_in_progress.wait()
             os.close(self._root_fd)
         self._stop.set()
         self._reaper.join()
@@ -321,37 +563,51 @@ class Node:
         if self._draining:
             raise Unavailable("the node is shutting down: open a session on another node or retry later")
 
-    def _session(self, session_id: str) -> Session:
-        """The live session, renewed: every successful call counts as a heartbeat."""
+    def _rule(self, identity: str) -> Rule:
+        rule = self.policy.rule_for(identity)
+        if rule is None:
+            raise PermissionDenied(
+                f"identity {quote(identity, 200)!r} is not in the policy {self.policy.source}: ask the operator to "
+                f"add an [[allow]] entry for it (and send SIGHUP to rdax-server)")
+        return rule
+
+    def _session(self, session_id: str, identity: str = ANONYMOUS) -> Session:
+        """The caller's live session, renewed: every successful call counts as a heartbeat.
+
+        Another identity's session is answered exactly like one that does not exist, so that nobody can even
+        learn that a session id is live.
+        """
         self._check_serving()
         session = self._sessions.get(session_id)
-        if session is None:
-            why = self._ended.get(session_id)
-            if why is not None:
-                raise NotFound(f"session {session_id!r} is over ({why}): open a new session")
-            raise NotFound(f"session {session_id!r} is unknown to this node: open a session first")
+        if session is None or session.identity != identity:
+            ended = self._ended.get(session_id)
+            if session is None and ended is not None and ended[0] == identity:
+                raise NotFound(f"this session is over ({ended[1]}): open a new session")
+            raise NotFound(f"session {quote(session_id, 64)!r} is unknown to this node for identity "
+                           f"{quote(identity, 200)!r}: open a session first (sessions belong to the identity "
+                           f"that opened them)")
         session.expires_at = self._clock() + self.lease_seconds
         return session
 
     def _seal(self, seal_id: str) -> Seal:
         seal = self._seals.get(seal_id)
         if seal is None:
-            raise NotFound(f"seal {seal_id!r} is unknown: it was never made or every holder unsealed it; List shows "
-                           f"this node's seals")
+            raise self._unknown_seal(seal_id)
         return seal
+
+    @staticmethod
+    def _unknown_seal(seal_id: str) -> RdaxError:
+        return NotFound(f"seal {quote(seal_id, 64)!r} is unknown: it was never made, every holder unsealed it, or "
+                        f"it is on a path this identity may not seal; List shows the seals it can see")
 
     def _held_seal(self, session: Session, seal_id: str) -> Seal:
         seal = self._seal(seal_id)
         if session.id not in seal.holders:
-            raise PermissionDenied(f"session {session.id} does not hold seal {seal_id} of {seal.path!r}: "
+            if not self.policy.may_see(session.identity, seal.path):
+                raise self._unknown_seal(seal_id)
+            raise PermissionDenied(f"session {session.handle} does not hold seal {seal_id} of {seal.path!r}: "
                                    f"Seal that path first")
         return seal
-
-    def _unknown_grant(self, grant_id: str) -> RdaxError:
-        for other in self._sessions.values():
-            if grant_id in other.grants:
-                return PermissionDenied(f"grant {grant_id} belongs to another session: only its owner can release it")
-        return NotFound(f"grant {grant_id!r} is unknown: it was released, revoked or expired, or never existed")
 
     def _join(self, seal: Seal, session: Session, length: int) -> SealInfo:
         if length > seal.length:
@@ -359,10 +615,17 @@ class Node:
                 f"{seal.path!r} is already sealed ({seal.id}) with length {seal.length}, shorter than the {length} "
                 f"asked for: a held seal cannot grow; seal at most {seal.length} bytes, or seal {length} once "
                 f"every holder has unsealed it")
+        if session.id not in seal.holders:
+            self._reserve_sealed_bytes(session.identity, self._rule(session.identity), seal.length)
+            self._usage[session.identity].sealed_bytes -= seal.length   # _add_holder counts it
         self._add_holder(seal, session)
-        return seal.info()
+        self.audit_log.event("seal", identity=session.identity, session=session.handle, seal=seal.id,
+                             path=seal.path, length=seal.length, joined=True)
+        return seal.info(session.id)
 
     def _add_holder(self, seal: Seal, session: Session) -> None:
+        if session.id not in seal.holders:
+            self._usage[session.identity].sealed_bytes += seal.length
         seal.holders[session.id] = None
         session.seal_ids[seal.id] = None
 
@@ -373,6 +636,8 @@ class Node:
         else:
             theirs = [g for g in seal.grants.values() if g.session_id == session.id]
             revocation.revoke_grants(seal, theirs, reason, self._sessions, self._unix_ms(), notify=notify)
+        if session.id in seal.holders:
+            self._usage[session.identity].sealed_bytes -= seal.length
         seal.holders.pop(session.id, None)
         session.seal_ids.pop(seal.id, None)
         if not seal.holders:
@@ -387,6 +652,8 @@ class Node:
         revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify)
         if self._live_seal_by_path.get(seal.path) is seal:
             del self._live_seal_by_path[seal.path]
+        self.audit_log.event("revoke", seal=seal.id, path=seal.path, epoch=seal.epoch, reason=reason,
+                             holders=[self._sessions[h].handle for h in seal.holders if h in self._sessions])
 
     def _end_session(self, session: Session, kind: EventKind | None, reason: str) -> None:
         """Revoke the session's grants, drop its holds, end its Watch streams, and queue its QP and PD for teardown."""
@@ -397,11 +664,18 @@ class Node:
             session.events.publish(Event(kind, "", grant_ids, reason, 0, self._unix_ms()))
         session.events.end()
         del self._sessions[session.id]
-        self._ended[session.id] = reason
+        mine = self._by_identity.get(session.identity, {})
+        mine.pop(session.id, None)
+        if not mine:
+            self._by_identity.pop(session.identity, None)
+        self._usage[session.identity].sessions -= 1
+        self._ended[session.id] = (session.identity, reason)
         while len(self._ended) > _ENDED_SESSIONS_KEPT:
             self._ended.popitem(last=False)
-        self._closer.close_later(session.channel, f"session {session.id}")
-        log.info("session %s of client %r ended: %s", session.id, session.client_id, reason)
+        self._closer.close_later(session.channel, f"session {session.handle}")
+        log.info("session %s of %s (client %r) ended: %s", session.handle, session.identity,
+                 quote(session.client_id, 64), reason)
+        self.audit_log.event("session_closed", identity=session.identity, session=session.handle, reason=reason)
 
     def _new_grant(self, seal: Seal, session: Session, offset: int, length: int, access: int, remote_addr: int,
                    region: Region) -> Grant:
@@ -427,4 +701,5 @@ class Node:
 
 
 def _new_id(kind: str) -> str:
-    return f"{kind}-{uuid.uuid4().hex[:16]}"
+    """A short public name (seals, grants, session handles): not a credential, every call also proves its identity."""
+    return f"{kind}-{secrets.token_hex(8)}"

@@ -6,7 +6,9 @@ import os
 import stat
 from typing import NamedTuple
 
+from .audit import quote
 from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, RdaxError, Unavailable
+from .limits import MAX_PATH_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +84,26 @@ def split_relpath(relpath: str) -> list[str]:
     """Check `relpath` lexically and return its components without '.' or empty ones."""
     if not relpath:
         raise InvalidArgument("path is empty: name a file relative to the export root")
+    size = len(relpath.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES:
+        raise InvalidArgument(f"path {quote(relpath, 80)!r} is {size} bytes long: paths are limited to "
+                              f"{MAX_PATH_BYTES} bytes, use a shorter one")
     if "\0" in relpath:
-        raise InvalidArgument(f"path {relpath!r} contains a NUL byte: file names cannot contain NUL")
+        raise InvalidArgument(f"path {quote(relpath, 200)!r} contains a NUL byte: file names cannot contain NUL")
     if relpath.startswith("/"):
         raise InvalidArgument(
-            f"path {relpath!r} is absolute: paths are relative to the export root, drop the leading '/'"
+            f"path {quote(relpath, 200)!r} is absolute: paths are relative to the export root, drop the leading '/'"
         )
     if relpath.endswith("/"):
-        raise InvalidArgument(f"path {relpath!r} ends with '/': name a regular file, not a directory")
+        raise InvalidArgument(f"path {quote(relpath, 200)!r} ends with '/': name a regular file, not a directory")
     components = relpath.split("/")
     if ".." in components:
         raise InvalidArgument(
-            f"path {relpath!r} contains '..': paths are relative to the export root and cannot climb out of it"
+            f"path {quote(relpath, 200)!r} contains '..': paths are relative to the export root and cannot climb out of it"
         )
     parts = [c for c in components if c not in ("", ".")]
     if not parts:
-        raise InvalidArgument(f"path {relpath!r} names the export root itself: name a regular file beneath it")
+        raise InvalidArgument(f"path {quote(relpath, 200)!r} names the export root itself: name a regular file beneath it")
     return parts
 
 

@@ -71,6 +71,7 @@ def _notify(seal: Seal, session_ids: Iterable[str], grants: list[Grant], reason:
         if session is None:
             continue
         theirs = tuple(g.id for g in grants if g.session_id == session_id)
+        session.last_revoked_unix_ms = unix_ms
         session.events.publish(Event(kind, seal.id, theirs, reason, seal.epoch, unix_ms))
 
 

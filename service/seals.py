@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from dataclasses import dataclass, field
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError
@@ -90,11 +91,12 @@ class SealInfo:
     epoch: int
     extent_count: int
     fingerprint: str
-    grant_ids: tuple[str, ...]
-    owner_session: str
-    holder_sessions: tuple[str, ...]
+    grant_ids: tuple[str, ...]          # the caller's own grants on the seal
+    owner_session: str                  # the caller's session if it is the longest-standing holder, else ""
+    holder_sessions: tuple[str, ...]    # the caller's own session, if it holds the seal: never another's
     state: str
     revoked_reason: str
+    holder_count: int = 0               # every holder, of every identity
 
 
 @dataclass(eq=False)
@@ -118,6 +120,8 @@ class Seal:
     watch_key: bytes = b""   # the file's handle as fanotify reports it (fanotify.py)
     holders: dict[str, None] = field(default_factory=dict)   # session ids, in the order they sealed
     grants: dict[str, Grant] = field(default_factory=dict)
+    # Held while the mapping is used outside the node's lock (Commit's msync): unmapping waits for it.
+    io_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def mapping(self) -> DaxMapping:
@@ -130,11 +134,16 @@ class Seal:
                 f"seal the path again for a new seal")
 
     def close_file(self) -> None:
-        if self.file is not None:
-            sealed_file, self.file = self.file, None
-            sealed_file.close()
+        with self.io_lock:
+            if self.file is not None:
+                sealed_file, self.file = self.file, None
+                sealed_file.close()
 
-    def info(self) -> SealInfo:
+    def info(self, session_id: str) -> SealInfo:
+        """The seal as `session_id` may see it: its own grants and session, other holders only as a count."""
         holders = tuple(self.holders)
+        mine = (session_id,) if session_id in self.holders else ()
         return SealInfo(self.id, self.path, self.length, self.epoch, self.extent_count, self.fingerprint,
-                        tuple(self.grants), holders[0] if holders else "", holders, self.state, self.revoked_reason)
+                        tuple(g.id for g in self.grants.values() if g.session_id == session_id),
+                        session_id if holders[:1] == mine and mine else "", mine, self.state,
+                        self.revoked_reason, len(holders))

@@ -1,6 +1,7 @@
-"""The gRPC face of a Node: messages in, Node calls, messages or statuses out — no rules of its own."""
+"""The gRPC face of a Node: who is calling (from the TLS certificate), messages in, Node calls, statuses out."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import logging
@@ -12,9 +13,11 @@ import grpc
 from rdax.v1 import rdax_pb2 as pb
 from rdax.v1 import rdax_pb2_grpc
 
+from .audit import quote
 from .errors import RdaxError
 from .fabric_api import Endpoint
 from .grants import GrantDescriptor
+from .identity import ANONYMOUS, PeerIdentity, identity_from_auth_context
 from .node import Node
 from .seals import SealInfo
 from .sessions import Event
@@ -43,82 +46,137 @@ def _verbs_error_class() -> type | None:
     return getattr(rdma, "VerbsError", None)
 
 
+class Unauthenticated(Exception):
+    """A call without a verified client certificate on a node that requires one (cannot happen over mTLS)."""
+
+
 def _unary(method: Handler) -> Handler:
-    """Run a unary handler; turn any exception into context.abort with the most specific status."""
+    """Run a unary handler for the caller's identity; turn any exception into context.abort with the most specific
+    status, and write every refusal to the audit trail."""
     @functools.wraps(method)
     def handler(self: "RdaxServicer", request: Any, context: grpc.ServicerContext) -> Any:
+        rpc = method.__name__
         try:
-            return method(self, request, context)
+            caller = self.caller(context)
+        except Unauthenticated as exc:
+            self._node.audit_log.event("refused", rpc=rpc, identity="", peer=context.peer(), code="UNAUTHENTICATED",
+                                       reason=str(exc))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        try:
+            return method(self, request, context, caller)
         except Exception as exc:
             code, message = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
+                log.exception("%s failed", rpc)
+            self._node.audit_log.event("refused", rpc=rpc, identity=caller.name, peer=context.peer(),
+                                       code=code.name, reason=quote(message, 400))
             context.abort(code, message)
     return handler  # type: ignore[return-value]
 
 
 class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
-    """rdax.v1.Rdax over a Node."""
+    """rdax.v1.Rdax over a Node. `insecure`: no TLS, every caller is 'anonymous' (held to the policy all the same).
 
-    def __init__(self, node: Node) -> None:
+    Unary calls are plain functions that the aio server runs in its thread pool; Watch is an async generator, so
+    a stream waiting for events holds no thread.
+    """
+
+    def __init__(self, node: Node, *, insecure: bool = False) -> None:
         self._node = node
+        self._insecure = insecure
+
+    def caller(self, context: grpc.ServicerContext) -> PeerIdentity:
+        """The identity of the caller: from its verified certificate, never from a request field."""
+        if self._insecure:
+            return ANONYMOUS
+        try:
+            identity = identity_from_auth_context(context.auth_context())
+        except ValueError as exc:   # a verified certificate that names nobody
+            raise Unauthenticated(str(exc)) from None
+        if identity is None:
+            raise Unauthenticated("no verified client certificate: connect with mutual TLS (a certificate signed by "
+                                  "the node's client CA; rdax-admin certs client makes one)")
+        return identity
 
     @_unary
-    def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionResponse:
+    def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext,
+                    caller: PeerIdentity) -> pb.OpenSessionResponse:
         endpoint = endpoint_from_pb(request.endpoint) if request.HasField("endpoint") else None
-        opened = self._node.open_session(request.client_id, endpoint)
+        opened = self._node.open_session(request.client_id, endpoint, identity=caller.name,
+                                         cert_not_after=caller.not_after, peer=context.peer())
         return pb.OpenSessionResponse(session_id=opened.session_id, endpoint=endpoint_to_pb(opened.endpoint),
                                       lease_seconds=opened.lease_seconds)
 
     @_unary
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(lease_seconds=self._node.heartbeat(request.session_id))
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext,
+                  caller: PeerIdentity) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(lease_seconds=self._node.heartbeat(request.session_id, identity=caller.name))
 
     @_unary
-    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
-        self._node.close_session(request.session_id)
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext,
+                     caller: PeerIdentity) -> pb.CloseSessionResponse:
+        self._node.close_session(request.session_id, identity=caller.name)
         return pb.CloseSessionResponse()
 
     @_unary
-    def Seal(self, request: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealResponse:
-        info = self._node.seal(request.session_id, request.path, request.length, request.create)
+    def Seal(self, request: pb.SealRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.SealResponse:
+        info = self._node.seal(request.session_id, request.path, request.length, request.create,
+                               identity=caller.name)
         return pb.SealResponse(seal=seal_info_to_pb(info))
 
     @_unary
-    def Grant(self, request: pb.GrantRequest, context: grpc.ServicerContext) -> pb.GrantResponse:
-        grant = self._node.grant(request.session_id, request.seal_id, request.offset, request.length, request.access)
+    def Grant(self, request: pb.GrantRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.GrantResponse:
+        grant = self._node.grant(request.session_id, request.seal_id, request.offset, request.length, request.access,
+                                 identity=caller.name)
         return pb.GrantResponse(grant=grant_to_pb(grant))
 
     @_unary
-    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
-        self._node.release(request.session_id, request.grant_id)
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext,
+                caller: PeerIdentity) -> pb.ReleaseResponse:
+        self._node.release(request.session_id, request.grant_id, identity=caller.name)
         return pb.ReleaseResponse()
 
     @_unary
-    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext,
+               caller: PeerIdentity) -> pb.CommitResponse:
         ranges = [(r.offset, r.length) for r in request.ranges]
-        return pb.CommitResponse(bytes=self._node.commit(request.session_id, request.seal_id, ranges))
+        return pb.CommitResponse(bytes=self._node.commit(request.session_id, request.seal_id, ranges,
+                                                         identity=caller.name))
 
     @_unary
-    def Unseal(self, request: pb.UnsealRequest, context: grpc.ServicerContext) -> pb.UnsealResponse:
-        return pb.UnsealResponse(epoch=self._node.unseal(request.session_id, request.seal_id))
+    def Unseal(self, request: pb.UnsealRequest, context: grpc.ServicerContext,
+               caller: PeerIdentity) -> pb.UnsealResponse:
+        return pb.UnsealResponse(epoch=self._node.unseal(request.session_id, request.seal_id, identity=caller.name))
 
     @_unary
-    def Stat(self, request: pb.StatRequest, context: grpc.ServicerContext) -> pb.SealInfo:
-        return seal_info_to_pb(self._node.stat(request.session_id, request.seal_id))
+    def Stat(self, request: pb.StatRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.SealInfo:
+        return seal_info_to_pb(self._node.stat(request.session_id, request.seal_id, identity=caller.name))
 
     @_unary
-    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        return pb.ListResponse(seals=[seal_info_to_pb(info) for info in self._node.list_seals(request.session_id)])
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.ListResponse:
+        return pb.ListResponse(seals=[seal_info_to_pb(info)
+                                      for info in self._node.list_seals(request.session_id, identity=caller.name)])
 
-    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            # is_active: stop polling once the client cancels or goes away.
-            events = self._node.watch(request.session_id, keep_going=context.is_active)
+            caller = self.caller(context)
+        except Unauthenticated as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        loop = asyncio.get_running_loop()
+        try:
+            # The node's lock may be held for a while (a revocation): not on the event loop's thread.
+            follower = await asyncio.to_thread(self._node.watch_async, request.session_id, loop,
+                                               identity=caller.name)
         except Exception as exc:
-            context.abort(*status_of(exc))
-        for event in events:
-            yield event_to_pb(event)
+            code, message = status_of(exc)
+            self._node.audit_log.event("refused", rpc="Watch", identity=caller.name, peer=context.peer(),
+                                       code=code.name, reason=quote(message, 400))
+            await context.abort(code, message)
+        try:
+            async for event in follower:
+                yield event_to_pb(event)
+        finally:
+            follower.close()   # also when the client cancels: the stream's quota comes back
 
 
 # -- messages <-> core types ----------------------------------------------------
@@ -135,7 +193,7 @@ def seal_info_to_pb(info: SealInfo) -> pb.SealInfo:
         seal_id=info.seal_id, path=info.path, length=info.length, epoch=info.epoch,
         extents=pb.ExtentSummary(count=info.extent_count, fingerprint=info.fingerprint),
         grant_ids=info.grant_ids, owner_session=info.owner_session, state=info.state,
-        holder_sessions=info.holder_sessions, revoked_reason=info.revoked_reason)
+        holder_sessions=info.holder_sessions, revoked_reason=info.revoked_reason, holder_count=info.holder_count)
 
 
 def grant_to_pb(grant: GrantDescriptor) -> pb.GrantDescriptor:

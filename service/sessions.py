@@ -1,6 +1,7 @@
 """Sessions: a client's channel (PD + QP), its lease, its grants and held seals, its event stream, and channel teardown."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import ipaddress
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .audit import quote
 from .errors import FailedPrecondition, InvalidArgument
 from .fabric_api import REQUIRED_MTU, Channel, Endpoint
 from .grants import Grant
@@ -30,12 +32,10 @@ def check_client(client_id: str, endpoint: Endpoint | None) -> None:
         raise InvalidArgument(f"endpoint.qpn {endpoint.qpn} is not a QP number (1 .. 2^24-1)")
     if not 0 <= endpoint.psn < 1 << 24:
         raise InvalidArgument(f"endpoint.psn {endpoint.psn} does not fit in 24 bits")
-    try:
-        ipaddress.IPv6Address(endpoint.gid)
-    except ValueError:
-        raise InvalidArgument(
-            f"endpoint.gid {endpoint.gid!r} is not a GID in IPv6 notation "
-            f"(RoCE v2 over IPv4 uses the IPv4-mapped form, e.g. ::ffff:10.77.0.2)") from None
+    canonical_gid(endpoint.gid)
+    if not 256 <= endpoint.mtu <= 4096 or endpoint.mtu & (endpoint.mtu - 1):
+        raise InvalidArgument(f"endpoint.mtu {endpoint.mtu} is not an RDMA path MTU (256, 512, 1024, 2048 or 4096): "
+                              f"send mtu={REQUIRED_MTU}")
     if endpoint.mtu != REQUIRED_MTU:
         raise FailedPrecondition(
             f"endpoint.mtu is {endpoint.mtu}, but rdax needs path MTU {REQUIRED_MTU}: rxe silently loses data "
@@ -44,12 +44,24 @@ def check_client(client_id: str, endpoint: Endpoint | None) -> None:
             f"and connect with mtu=4096")
 
 
+def canonical_gid(gid: str) -> str:
+    """Any valid IPv6 text form of a GID (compressed, IPv4-mapped, expanded) as the fully expanded form verbs takes."""
+    try:
+        return ipaddress.IPv6Address(gid[:64]).exploded
+    except ValueError:
+        raise InvalidArgument(
+            f"endpoint.gid {quote(gid, 64)!r} is not a GID in IPv6 notation: send any IPv6 text form, e.g. "
+            f"::ffff:10.77.0.2 (RoCE v2 over IPv4, IPv4-mapped), fe80::1 or "
+            f"0000:0000:0000:0000:0000:ffff:0a4d:0002") from None
+
+
 class EventKind(enum.IntEnum):
     """The values of rdax.v1.Event.Kind."""
 
     REVOKED = 1
     SESSION_EXPIRED = 2
     SHUTDOWN = 3
+    SESSION_ENDED = 4   # the node ended the session: its QP failed, its certificate expired, policy
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class EventStream:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._inboxes: list[queue.SimpleQueue[object]] = []
+        self._async_inboxes: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[object]]] = []
         self._backlog: collections.deque[Event] = collections.deque(maxlen=self.BACKLOG)
         self._ended = False
 
@@ -79,17 +92,36 @@ class EventStream:
         with self._lock:
             if self._ended:
                 return
-            if not self._inboxes:
+            if not self._inboxes and not self._async_inboxes:
                 # Nobody is watching: keep it, or a client that reconnects its Watch misses its recall.
                 self._backlog.append(event)
             for inbox in self._inboxes:
                 inbox.put(event)
+            for loop, queue_ in self._async_inboxes:
+                _put_threadsafe(loop, queue_, event)
 
     def end(self) -> None:
         with self._lock:
             self._ended = True
             for inbox in self._inboxes:
                 inbox.put(_END)
+            for loop, queue_ in self._async_inboxes:
+                _put_threadsafe(loop, queue_, _END)
+
+    def subscribe_async(self, loop: asyncio.AbstractEventLoop) -> "AsyncFollower":
+        """Subscribe an asyncio consumer (a Watch stream that holds no thread while it waits)."""
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+        with self._lock:
+            while self._backlog:
+                inbox.put_nowait(self._backlog.popleft())
+            if self._ended:
+                inbox.put_nowait(_END)
+            self._async_inboxes.append((loop, inbox))
+        return AsyncFollower(self, loop, inbox)
+
+    def _unsubscribe_async(self, inbox: "asyncio.Queue[object]") -> None:
+        with self._lock:
+            self._async_inboxes = [(lp, q) for lp, q in self._async_inboxes if q is not inbox]
 
     def follow(self, keep_going: Callable[[], bool], poll_seconds: float) -> Iterator[Event]:
         """Subscribe now; the iterator yields events until the session ends or keep_going() turns False."""
@@ -119,14 +151,45 @@ class EventStream:
                 self._inboxes.remove(inbox)
 
 
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, inbox: "asyncio.Queue[object]", item: object) -> None:
+    try:
+        loop.call_soon_threadsafe(inbox.put_nowait, item)
+    except RuntimeError:
+        pass   # the loop is closed: the node is stopping, nobody reads this inbox any more
+
+
+class AsyncFollower:
+    """One asyncio subscriber of an EventStream: `async for event in follower`, close() to leave."""
+
+    def __init__(self, stream: EventStream, loop: asyncio.AbstractEventLoop, inbox: "asyncio.Queue[object]") -> None:
+        self._stream, self._loop, self._inbox = stream, loop, inbox
+
+    def __aiter__(self) -> "AsyncFollower":
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._inbox.get()
+        if item is _END:
+            raise StopAsyncIteration
+        assert isinstance(item, Event)
+        return item
+
+    def close(self) -> None:
+        self._stream._unsubscribe_async(self._inbox)
+
+
 @dataclass(eq=False)
 class Session:
     """A client's connection to the node: valid while renewed within the lease."""
 
-    id: str
-    client_id: str
+    id: str                              # secret: whoever knows it can act for the session (only its owner does)
+    client_id: str                       # free-form label from the client, for logs
     channel: Channel
     expires_at: float                    # on the node's monotonic clock
+    identity: str = "anonymous"          # who opened it (from its TLS certificate): only it may use the session
+    handle: str = ""                     # short, not secret: names the session in logs, audit and replies
+    cert_not_after: float | None = None  # unix seconds: the session ends when the client's certificate does
+    last_revoked_unix_ms: int = 0        # an access error soon after a revocation is a late client, not an attack
     grants: dict[str, Grant] = field(default_factory=dict)
     seal_ids: dict[str, None] = field(default_factory=dict)   # seals held, in the order sealed
     events: EventStream = field(default_factory=EventStream)

@@ -13,10 +13,21 @@ import pytest
 
 from rdax.service.fabric_api import Endpoint
 from rdax.service.node import Node
+from rdax.service.policy import Policy
 
 PAGE = 4096
 MIB = 1 << 20
 CLIENT_ENDPOINT = Endpoint(qpn=0x11, gid="::ffff:10.77.0.2", psn=0x1234, mtu=4096)
+# What the node tests run under unless they say otherwise: 'anonymous' may do everything, everywhere.
+OPEN_POLICY = """
+[defaults]
+max_sessions = 1000
+[[allow]]
+identity = "anonymous"
+paths = ["**"]
+create = true
+access = ["write", "read", "atomic", "flush"]
+"""
 
 
 class FakeRegion:
@@ -42,6 +53,10 @@ class FakeChannel:
         self.remote = remote
         self.endpoint = Endpoint(qpn=next(fabric.qpns), gid="::ffff:10.77.0.1", psn=0x4321, mtu=4096)
         self.closed = False
+        self.broken = False   # set by a test: the QP went to the error state
+
+    def failed(self) -> bool:
+        return self.broken and not self.closed
 
     def register(self, addr: int, length: int, access: int) -> FakeRegion:
         if self.closed:
@@ -116,7 +131,7 @@ def make_node(export_root: Path, fabric: FakeFabric, clock: FakeClock):
     nodes: list[Node] = []
 
     def make(**overrides) -> Node:
-        options = dict(lease_seconds=30, map_sync=False, clock=clock)
+        options = dict(lease_seconds=30, map_sync=False, clock=clock, policy=Policy.parse(OPEN_POLICY, "open.toml"))
         options.update(overrides)
         node = Node(export_root, fabric, **options)
         nodes.append(node)
