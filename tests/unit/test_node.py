@@ -1,7 +1,7 @@
 """Tests for service.node: sessions, seals, grants and revocation on real files, with a fake fabric."""
-from __future__ import dataclasses
-import annotations
+from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
