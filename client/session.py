@@ -8,6 +8,7 @@ read, flush and commit it over RDMA through a grant.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import socket
@@ -18,11 +19,12 @@ from typing import BinaryIO, Callable
 
 import grpc
 
-from rdax.rdma import Access, Chunk, Connection, EndpointInfo, LocalBuffer, local_device, open_device
+from rdax.rdma import Abandoned, Access, Chunk, Connection, EndpointInfo, LocalBuffer, local_device, open_device
 from rdax.v1 import rdax_pb2 as pb
 from rdax.v1 import rdax_pb2_grpc as pb_grpc
 
-from .errors import GrantRevoked, RemoteError
+from .errors import GrantRevoked, RemoteError, SessionLost
+from .tls import TlsFiles, secure_channel, tls_from_env
 
 MiB = 1 << 20
 PAGE = 4096
@@ -59,9 +61,10 @@ class Session:
     buffer, a heartbeat and a Watch stream that records revocations."""
 
     def __init__(self, target: str, device: str | None = None, client_id: str | None = None,
-                 staging: int = 16 * MiB, chunk: int = MiB, depth: int = 64) -> None:
+                 staging: int = 16 * MiB, chunk: int = MiB, depth: int = 64, tls: TlsFiles | None = None,
+                 insecure: bool = False) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        self.channel = open_channel(target, tls, insecure)
         self.stub = pb_grpc.RdaxStub(self.channel)
         self.chunk = chunk
         self.dev = open_device(name=device or local_device())
@@ -69,6 +72,7 @@ class Session:
         self.conn = Connection(self.dev, self.pd, depth=depth)
         self.staging = LocalBuffer(self.pd, staging)
         self.revoked: dict[str, GrantRevoked] = {}
+        self.lost: SessionLost | None = None   # set once the node ended the session: every operation raises it
         self.on_revoke: list[Callable[[pb.Event], None]] = []
         self._closed = threading.Event()
         ep = self.conn.endpoint()
@@ -90,17 +94,26 @@ class Session:
             for event in self.stub.Watch(pb.WatchRequest(session_id=self.session_id)):
                 for gid in event.grant_ids:
                     self.revoked[gid] = GrantRevoked(gid, event.reason, event.epoch)
+                if event.kind in (pb.Event.SESSION_EXPIRED, pb.Event.SESSION_ENDED, pb.Event.SHUTDOWN):
+                    self._lose(event.reason)
                 for callback in self.on_revoke:
                     callback(event)
         except grpc.RpcError:
             pass  # the stream ends with the session or the channel
 
+    def _lose(self, reason: str) -> None:
+        """The node ended the session: its QP is gone and will answer nothing, so stop waiting for it now."""
+        if self.lost is None:
+            self.lost = SessionLost(reason)
+            self.conn.abandon(reason)
+
     def _heartbeat(self) -> None:
         while not self._closed.wait(max(1.0, self.lease_seconds / 3)):
             try:
                 self.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id), timeout=10)
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND and not self._closed.is_set():
+                    self._lose(exc.details() or "the node no longer knows this session")
 
     # -- control plane -------------------------------------------------------
     def seal(self, path: str, length: int, create: bool = True) -> pb.SealInfo:
@@ -155,6 +168,17 @@ class Session:
         self.close()
 
 
+def _fails_fast(method):
+    """A transfer the node abandoned (session ended) raises SessionLost, not the verbs error under it."""
+    @functools.wraps(method)
+    def transfer(self: "RemoteFile", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Abandoned:
+            raise (self.session.lost or SessionLost("the connection was abandoned")) from None
+    return transfer
+
+
 class RemoteFile:
     """A sealed remote file and this session's grant over it."""
 
@@ -171,6 +195,8 @@ class RemoteFile:
         revoked = self.session.revoked.get(self.grant.grant_id)
         if revoked:
             raise revoked
+        if self.session.lost is not None:
+            raise self.session.lost
         if offset < 0 or length < 0 or offset + length > self.grant.offset + self.grant.length \
                 or offset < self.grant.offset:
             raise ValueError(f"[{offset}, {offset + length}) is outside the grant "
@@ -188,6 +214,7 @@ class RemoteFile:
     def _remote(self, offset: int) -> int:
         return self.grant.remote_addr + (offset - self.grant.offset)
 
+    @_fails_fast
     def write(self, offset: int, data: bytes | bytearray | memoryview, flush: bool = False) -> int:
         """RDMA WRITE `data` at `offset`, pipelined through the staging buffer.
 
@@ -234,6 +261,7 @@ class RemoteFile:
         else:
             s.conn.write_flush(chunks, self.grant.rkey, self._remote(flush_from), offset + n - flush_from)
 
+    @_fails_fast
     def write_from(self, src: BinaryIO, offset: int = 0, length: int | None = None,
                    progress: Callable[[int], None] | None = None) -> int:
         """Stream `length` bytes (or to EOF) from a binary file object."""
@@ -252,6 +280,7 @@ class RemoteFile:
                 progress(n)
         return done
 
+    @_fails_fast
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length, transfer=True)
         s = self.session
@@ -262,12 +291,14 @@ class RemoteFile:
             out += s.staging.read(n)
         return bytes(out)
 
+    @_fails_fast
     def flush(self, offset: int = 0, length: int | None = None) -> None:
         """FLUSH(persistent) the range: when this returns the bytes are durable."""
         length = self.length - offset if length is None else length
         self._check(offset, length)
         self.session.conn.flush(self.grant.rkey, self._remote(offset), length)
 
+    @_fails_fast
     def atomic_write(self, offset: int, value: bytes) -> None:
         self._check(offset, 8)
         self.session.conn.atomic_write(self.grant.rkey, self._remote(offset), value)
@@ -297,5 +328,21 @@ class RemoteFile:
         self.close()
 
 
-def connect(target: str, device: str | None = None, **kwargs) -> Session:
-    return Session(target, device=device, **kwargs)
+def open_channel(target: str, tls: TlsFiles | None = None, insecure: bool = False) -> grpc.Channel:
+    """A gRPC channel to a node: mutual TLS with `tls`, else with RDAX_TLS_CA/CERT/KEY; plaintext only if asked."""
+    if insecure:
+        if tls is not None:
+            raise ValueError("insecure=True and TLS files together: choose one")
+        return grpc.insecure_channel(target)
+    tls = tls or tls_from_env()
+    if tls is None:
+        raise ValueError(f"no TLS files for {target}: rdax nodes require mutual TLS; pass tls=TlsFiles(ca, cert, key) "
+                         f"or set RDAX_TLS_CA, RDAX_TLS_CERT and RDAX_TLS_KEY (--tls-ca/--tls-cert/--tls-key), or "
+                         f"insecure=True (--insecure) for a node started with --insecure")
+    return secure_channel(target, tls)
+
+
+def connect(target: str, device: str | None = None, tls: TlsFiles | None = None, insecure: bool = False,
+            **kwargs) -> Session:
+    """A session with the node at `target` (HOST:PORT) over mutual TLS (tls, or RDAX_TLS_* from the environment)."""
+    return Session(target, device=device, tls=tls, insecure=insecure, **kwargs)

@@ -5,12 +5,12 @@ regions (pinned with an ODP fallback) and RC connections with the data verbs.
 """
 from .connection import Chunk, Connection, EndpointInfo, REM_ACCESS_ERR
 from .device import Device, find_device, list_devices, local_device, open_device
-from .errors import ConnectError, DeviceNotFound, RegistrationError, VerbsError, WorkCompletionError
+from .errors import Abandoned, ConnectError, DeviceNotFound, RegistrationError, VerbsError, WorkCompletionError
 from .mr import Access, LocalBuffer, MemoryRegion, register
 from .mw import MemoryWindow
 
 __all__ = [
-    "Access", "Chunk", "ConnectError", "Connection", "Device", "DeviceNotFound", "EndpointInfo",
+    "Abandoned", "Access", "Chunk", "ConnectError", "Connection", "Device", "DeviceNotFound", "EndpointInfo",
     "LocalBuffer", "MemoryRegion", "MemoryWindow", "REM_ACCESS_ERR", "RegistrationError", "VerbsError",
     "WorkCompletionError", "find_device", "list_devices", "local_device", "open_device", "register",
 ]

@@ -20,7 +20,7 @@ from pyverbs.qp import QPAttr, QPCap, QPEx, QPInitAttrEx
 from pyverbs.wr import SGE
 
 from .device import PORT, Device
-from .errors import ConnectError, VerbsError, WorkCompletionError
+from .errors import Abandoned, ConnectError, VerbsError, WorkCompletionError
 from .mr import Access
 
 MTU_ENUM = {256: e.IBV_MTU_256, 512: e.IBV_MTU_512, 1024: e.IBV_MTU_1024,
@@ -87,6 +87,7 @@ class Connection:
         self.psn = secrets.randbits(24)   # not `random`: an initial PSN an attacker can guess helps forge packets
         self._unsignalled = 0   # posted since the last signalled request
         self._in_flight = 0     # posted and not yet retired by a completion
+        self._abandoned: str | None = None   # why waiting is pointless (the peer's QP is gone): see abandon()
         try:
             self.cq = CQEX(device.context, CqInitAttrEx(cqe=depth * 2))
             self._poll_attr = PollCqAttr()
@@ -239,6 +240,9 @@ class Connection:
         while rc == ENOENT:   # as few steps as possible between polls
             spins += 1
             if not spins & 0x3FF:   # the clock only now and then: it costs as much as a poll
+                if self._abandoned is not None:
+                    self._in_flight = self._unsignalled = 0
+                    raise Abandoned(f"ibv_poll_cq[{verb}]", describe(), self._abandoned)
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + timeout
@@ -248,6 +252,15 @@ class Connection:
             rc = start(attr)
         if rc != 0:
             raise VerbsError(f"ibv_start_poll[{verb}]", describe(), detail=os.strerror(rc))
+
+    def abandon(self, reason: str) -> None:
+        """Stop waiting for completions, from any thread: a wait in progress or to come raises Abandoned.
+
+        A peer that destroyed its QP sends nothing back, and rxe's retries were
+        seen not to fire within 60 s (LAB-NOTES.md): whoever learns that the
+        peer is gone (the node's Watch event) tells the connection instead.
+        """
+        self._abandoned = reason
 
     def _failed(self, verb: str, describe, status: int) -> WorkCompletionError:
         """A completion with an error: the QP is in error, nothing is in flight any more."""

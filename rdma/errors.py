@@ -4,7 +4,8 @@
     ├── DeviceNotFound              no RDMA device matches a name / netdev / IP
     ├── RegistrationError           ibv_reg_mr refused (pinned and ODP)
     ├── ConnectError                QP state transitions failed
-    └── WorkCompletionError         a work request completed with an error status
+    ├── WorkCompletionError         a work request completed with an error status
+    └── Abandoned                   the caller gave up on the connection (Connection.abandon): its peer is gone
 """
 from __future__ import annotations
 
@@ -56,3 +57,11 @@ class WorkCompletionError(VerbsError):
         self.status = status
         self.status_name = status_name
         super().__init__(verb, args, detail=f"completed with {status_name} ({status})")
+
+
+class Abandoned(VerbsError):
+    """Waiting for completions stopped because the connection was abandoned; .reason says why."""
+
+    def __init__(self, verb: str, args: dict[str, object], reason: str) -> None:
+        self.reason = reason
+        super().__init__(verb, args, detail=f"abandoned: {reason}")

@@ -37,7 +37,7 @@ class AdminError(Exception):
 def make_ca(dir: str | os.PathLike, name: str = DEFAULT_CA_NAME, days: int = CA_DAYS,
             force: bool = False) -> tuple[Path, Path]:
     """Write DIR/ca.pem and DIR/ca.key (ECDSA P-256, self-signed); refuse to replace a CA unless `force`."""
-    folder = _folder(dir)
+    folder = _folder(dir, create=True)
     cert_path, key_path = folder / f"{CA_STEM}.pem", folder / f"{CA_STEM}.key"
     existing = [str(p) for p in (cert_path, key_path) if p.exists()]
     if existing and not force:
@@ -213,12 +213,16 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _folder(dir: str | os.PathLike) -> Path:
+def _folder(dir: str | os.PathLike, create: bool = False) -> Path:
     folder = Path(dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AdminError(f"cannot use --dir {folder}: {exc.strerror}") from None
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AdminError(f"cannot use --dir {folder}: {exc.strerror}") from None
+    elif not folder.exists():
+        raise AdminError(f"--dir {folder} does not exist: make the CA in it first with "
+                         f"`rdax-admin certs ca --dir {folder}`")
     if not folder.is_dir():
         raise AdminError(f"--dir {folder} is not a directory")
     return folder

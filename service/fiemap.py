@@ -45,6 +45,10 @@ UNSTABLE_FLAGS: dict[int, str] = {
     FIEMAP_EXTENT_NOT_ALIGNED: "NOT_ALIGNED: data is not block aligned, it cannot be mapped directly",
 }
 _UNSTABLE_MASK = sum(UNSTABLE_FLAGS)
+# The flags that preparing a file (prepare.py) cannot take away: it writes zeros
+# over holes and UNWRITTEN extents and fsyncs, which allocates DELALLOC ones;
+# every other flag stays whatever is written, so a Seal is refused up front.
+UNFIXABLE_MASK = _UNSTABLE_MASK & ~(FIEMAP_EXTENT_UNWRITTEN | FIEMAP_EXTENT_DELALLOC)
 
 _HEADER = struct.Struct("=QQIIII")  # struct fiemap: start, length, flags, mapped, count, reserved
 _EXTENT = struct.Struct("=QQQ16xI12x")  # struct fiemap_extent: logical, physical, length, flags
@@ -116,14 +120,36 @@ def check_stable(extents: list[Extent], length: int) -> None:
             raise _hole(covered, ext.logical, f"before extent #{index} at offset {ext.logical}")
         bad = ext.flags & _UNSTABLE_MASK
         if bad:
-            reasons = "; ".join(why for bit, why in UNSTABLE_FLAGS.items() if bad & bit)
-            raise UnstableBlockMap(
-                f"extent #{index} [{ext.logical}, {ext.end}) has flags {flag_names(ext.flags)}: {reasons}",
-                offset=ext.logical, length=ext.length, flags=bad,
-            )
+            raise _flag_error(index, ext, bad)
         covered = max(covered, ext.end)
     if covered < length:
         raise _hole(covered, length, "at the end of the range to seal")
+
+
+def check_fixable(extents: list[Extent], length: int) -> None:
+    """Raise UnstableBlockMap if an extent inside [0, length) has a flag that preparation cannot take away.
+
+    Holes and UNWRITTEN extents pass (preparation writes zeros over them), so
+    do DELALLOC ones, with the UNKNOWN that comes with DELALLOC (fsync
+    allocates them); SHARED, DATA_INLINE, UNKNOWN, ENCODED, NOT_ALIGNED and
+    DATA_TAIL do not.
+    """
+    for index, ext in enumerate(sorted(extents, key=lambda e: e.logical)):
+        if ext.logical >= length:
+            break
+        bad = ext.flags & UNFIXABLE_MASK
+        if ext.flags & FIEMAP_EXTENT_DELALLOC:
+            bad &= ~FIEMAP_EXTENT_UNKNOWN
+        if bad:
+            raise _flag_error(index, ext, bad)
+
+
+def _flag_error(index: int, ext: Extent, bad: int) -> UnstableBlockMap:
+    reasons = "; ".join(why for bit, why in UNSTABLE_FLAGS.items() if bad & bit)
+    return UnstableBlockMap(
+        f"extent #{index} [{ext.logical}, {ext.end}) has flags {flag_names(ext.flags)}: {reasons}",
+        offset=ext.logical, length=ext.length, flags=bad,
+    )
 
 
 def _hole(start: int, end: int, where: str) -> UnstableBlockMap:

@@ -1,15 +1,91 @@
-"""Make a file's block map stable over [0, length) so that it can be mapped MAP_SYNC and registered for RDMA."""
+"""Make a file's block map stable over [0, length) so that it can be mapped MAP_SYNC and registered for RDMA.
 
+A Seal that is refused must leave the file as it found it (issue 14: a
+reflinked 1 MiB file refused for its SHARED extents had become 8 MiB). So a
+Preparation works in three steps:
+
+1. Preparation(fd, length) checks, before anything is changed, all that can be
+   known in advance: the descriptor, the flags of the extents the file already
+   has in [0, length) (SHARED, DATA_INLINE, UNKNOWN, ENCODED, NOT_ALIGNED and
+   DATA_TAIL stay whatever preparation does: fiemap.check_fixable), and the
+   free space (fewer free blocks than there are bytes to allocate is refused
+   with ResourceExhausted). It records what it found: size, times, the holes
+   and UNWRITTEN ranges inside the old size, what was preallocated past the
+   old end.
+2. run() allocates [0, length), writes zeros over the holes and UNWRITTEN
+   ranges, fsyncs and verifies the block map. What cannot be known before is
+   found out here: ENOSPC or EDQUOT part-way (ext4 extends the file with each
+   chunk it allocates, so a failed fallocate still leaves it longer), a block
+   map still unstable after all, and a lease break — another process opening
+   the file meanwhile (checked before every change and every MiB of zeros).
+3. undo() puts the file back when run() or anything after it (mapping the
+   file) fails:
+
+   - size: exactly; ftruncate back down (preparation only ever grows a file).
+   - bytes: exactly. Preparation writes nothing but zeros, and only where the
+     file read as zeros (holes and UNWRITTEN extents after a FIEMAP with
+     FLAG_SYNC); the truncate drops all it added past the old end.
+   - holes inside the old size: punched out again (FALLOC_FL_PUNCH_HOLE).
+   - UNWRITTEN ranges inside the old size that were overwritten with zeros:
+     punched and preallocated again (FALLOC_FL_KEEP_SIZE), so they are
+     UNWRITTEN again, on blocks that may lie elsewhere on the device.
+   - blocks preallocated past the old end (fallocate KEEP_SIZE): the truncate
+     frees them with the rest, so their ranges are preallocated again.
+   - atime and mtime: set back (futimens). ctime cannot be: it shows the change.
+   - st_blocks: the same as before in every refusal the unit tests make (ext4
+     with 4 KiB blocks); metadata the filesystem keeps may differ: ext4 does not
+     shrink an extent tree that grew a level while allocating, so after an
+     ENOSPC that had split the allocation into more than four extents the file
+     keeps one index block (measured: 2048 -> 2050 512-byte sectors with 1 KiB
+     blocks). Written extents are never touched: where the file's data lives,
+     and so the fingerprint of its block map over its data, is unchanged.
+
+   undo() relies on the lease being still held while it runs (intact or under
+   break, the opener waiting for it): it runs before open_sealed_file releases
+   the lease. If preparation outlasts /proc/sys/fs/lease-break-time the kernel
+   drops the lease and lets the opener in; neither preparation nor undo is safe
+   then, which is why run() checks the lease every MiB of zeros it writes.
+"""
+
+import ctypes
 import errno
+import fcntl
+import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError, ResourceExhausted
-from .fiemap import FIEMAP_EXTENT_UNWRITTEN, Extent, check_stable, clip, read_extents, summary
+from .fiemap import (
+    FIEMAP_EXTENT_DELALLOC,
+    FIEMAP_EXTENT_UNKNOWN,
+    FIEMAP_EXTENT_UNWRITTEN,
+    Extent,
+    check_fixable,
+    check_stable,
+    clip,
+    read_extents,
+    summary,
+)
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
-_ZEROS = bytes(1 << 20)  # one MiB written per pwrite call
+_ZEROS = bytes(1 << 20)  # one MiB written per pwrite call, the lease checked before each
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+LEASE_BROKEN = (
+    "another process opened the file while it was being sealed (the node's write lease on it was broken): "
+    "the Seal is refused and the file put back as it was; retry when that process is done with the file"
+)
+
+ReadExtents = Callable[..., list[Extent]]   # like fiemap.read_extents(fd, start, length)
+Range = tuple[int, int]   # [start, end) in bytes
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 @dataclass(frozen=True)
@@ -25,26 +101,142 @@ class PreparedFile:
     fingerprint: str
 
 
-def prepare_file(fd: int, length: int) -> PreparedFile:
+def prepare_file(
+    fd: int,
+    length: int,
+    *,
+    lease_intact: Callable[[], bool] | None = None,
+    read_extents: ReadExtents = read_extents,
+    statvfs: Callable[[int], os.statvfs_result] = os.fstatvfs,
+) -> PreparedFile:
     """Allocate and write every block of [0, length) of `fd`, keeping its data, and verify the result.
 
     Growing a shorter file is part of the job; a longer one keeps its tail.
     The caller should hold a write lease (lease.FileLease) so that nobody
-    writes to the file while the zero-filled ranges are chosen and written.
+    writes to the file while the zero-filled ranges are chosen and written;
+    `lease_intact` tells whether it still holds it. A refusal leaves the file
+    as it was (see the module's docstring for exactly what that means).
+    `read_extents` and `statvfs` are where the block map and the free space
+    come from (tests pass stand-ins for what the host cannot produce).
     """
-    check_length(length)
-    _check_regular(fd)
-    _allocate(fd, length)
-    # SYNC in read_extents flushes dirty pages first, so a range still reported
-    # as a hole or UNWRITTEN really reads back as zeros: writing zeros there
-    # converts it to written blocks without changing the file's content.
-    for start, end in _unwritten_ranges(block_map(fd, length), length):
-        _write_zeros(fd, start, end)
-    _fsync(fd)
-    extents = block_map(fd, length)
-    check_stable(extents, length)
-    count, fingerprint = summary(extents)
-    return PreparedFile(length, count, fingerprint)
+    preparation = Preparation(fd, length, read_extents=read_extents, statvfs=statvfs)
+    try:
+        return preparation.run(lease_intact)
+    except BaseException:
+        preparation.undo()
+        raise
+
+
+class Preparation:
+    """One file's preparation for a seal: checked on construction, before any change; run(); undo() on failure."""
+
+    def __init__(
+        self,
+        fd: int,
+        length: int,
+        *,
+        read_extents: ReadExtents = read_extents,
+        statvfs: Callable[[int], os.statvfs_result] = os.fstatvfs,
+    ) -> None:
+        check_length(length)
+        st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FailedPrecondition("only regular files can be prepared: the descriptor refers to something else")
+        _check_writable(fd)
+        self.fd = fd
+        self.length = length
+        self.size = st.st_size
+        self.blocks = st.st_blocks
+        self._times_ns = (st.st_atime_ns, st.st_mtime_ns)
+        self._read_extents = read_extents
+        limit = min(self.size, length)   # the file's existing bytes that the seal covers
+        found = read_extents(fd, 0, limit) if limit else []
+        old = clip(found, limit)
+        check_fixable(old, limit)
+        # Up to the page past the old end: a partial last block lies beyond it after the truncate back.
+        self.holes, self.unwritten = _holes_and_unwritten(found, limit, _round_up(limit, PAGE_SIZE))
+        self.preallocated_past_end: list[Range] = []
+        if self.size < length:
+            self.preallocated_past_end = [
+                (max(ext.logical, self.size), ext.end) for ext in read_extents(fd, self.size)
+                if ext.end > self.size and not ext.flags & (FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_UNKNOWN)
+            ]
+        allocated = sum(ext.length for ext in old) + sum(
+            max(0, min(end, length) - start) for start, end in self.preallocated_past_end)
+        _check_space(fd, length, length - allocated, statvfs)
+        self._changed = False
+        self._zeroed: list[Range] = []
+
+    def run(self, lease_intact: Callable[[], bool] | None = None) -> PreparedFile:
+        """Allocate, zero-fill, fsync and verify [0, length); on failure the caller calls undo()."""
+
+        def check_lease() -> None:
+            if lease_intact is not None and not lease_intact():
+                raise FailedPrecondition(LEASE_BROKEN)
+
+        check_lease()
+        self._changed = True
+        _allocate(self.fd, self.length)
+        check_lease()
+        # SYNC in read_extents flushes dirty pages first, so a range still reported
+        # as a hole or UNWRITTEN really reads back as zeros: writing zeros there
+        # converts it to written blocks without changing the file's content.
+        for start, end in _unwritten_ranges(self._block_map(), self.length):
+            self._zeroed.append((start, end))
+            _write_zeros(self.fd, start, end, check_lease)
+        _fsync(self.fd)
+        extents = self._block_map()
+        check_stable(extents, self.length)
+        check_lease()
+        count, fingerprint = summary(extents)
+        return PreparedFile(self.length, count, fingerprint)
+
+    def undo(self) -> None:
+        """Put the file back as construction found it, if run() changed it; never raises (failures are logged).
+
+        Call it while the lease is still held, so that an opener waiting for the
+        lease finds the file as it was.
+        """
+        if not self._changed:
+            return
+        self._changed = False
+        fd = self.fd
+        problems: list[str] = []
+
+        def step(doing: str, call: Callable[..., object], *args: object, **kwargs: object) -> None:
+            try:
+                call(*args, **kwargs)
+            except OSError as exc:
+                problems.append(f"{doing}: {exc.strerror} (errno {exc.errno})")
+
+        try:
+            grown = os.fstat(fd).st_size > self.size
+        except OSError as exc:
+            log.error("cannot put the file back after a refused Seal: fstat failed: %s", exc.strerror)
+            return
+        if grown:
+            step(f"truncating back to {self.size} bytes", os.ftruncate, fd, self.size)
+        for start, end in self.holes:
+            step(f"punching the hole [{start}, {end}) again", _fallocate, fd,
+                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
+        for start, end in _overlaps(self.unwritten, self._zeroed):
+            step(f"punching [{start}, {end}) to preallocate it again", _fallocate, fd,
+                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
+            step(f"preallocating [{start}, {end}) again", _fallocate, fd, FALLOC_FL_KEEP_SIZE, start, end - start)
+        # Also when nothing grew: punching the hole that ends at the old end may reach past it.
+        for start, end in self.preallocated_past_end:
+            step(f"preallocating [{start}, {end}) past the end again", _fallocate, fd,
+                 FALLOC_FL_KEEP_SIZE, start, end - start)
+        step("setting atime and mtime back", os.utime, fd, ns=self._times_ns)
+        step("fsync", os.fsync, fd)
+        if problems:
+            log.error("the file could not be put back entirely after a refused Seal: %s", "; ".join(problems))
+        else:
+            log.info("a refused Seal put the file back: %d bytes as before, %d blocks (%d before)",
+                     self.size, _blocks(fd), self.blocks)
+
+    def _block_map(self) -> list[Extent]:
+        return clip(self._read_extents(self.fd, 0, self.length), self.length)
 
 
 def block_map(fd: int, length: int) -> list[Extent]:
@@ -67,13 +259,80 @@ def check_length(length: int) -> None:
         )
 
 
-def _check_regular(fd: int) -> None:
+def _fstat(fd: int) -> os.stat_result:
     try:
-        mode = os.fstat(fd).st_mode
+        return os.fstat(fd)
     except OSError as exc:
         raise _io_error(exc, "stat") from exc
-    if not stat.S_ISREG(mode):
-        raise FailedPrecondition("only regular files can be prepared: the descriptor refers to something else")
+
+
+def _blocks(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_blocks
+    except OSError:
+        return -1
+
+
+def _check_writable(fd: int) -> None:
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        raise _io_error(exc, "reading the descriptor's flags") from exc
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise InvalidArgument("the descriptor is open read-only: open the file O_RDWR")
+    if flags & os.O_APPEND:
+        raise InvalidArgument("the descriptor is open O_APPEND, where pwrite ignores its offset on Linux: "
+                              "open the file O_RDWR without O_APPEND")
+
+
+def _check_space(fd: int, length: int, needed: int, statvfs: Callable[[int], os.statvfs_result]) -> None:
+    """Refuse when even the free blocks kept for root could not hold the `needed` bytes still to allocate.
+
+    f_bfree, not f_bavail: whether the reserve may be used depends on the
+    filesystem and the caller's capabilities, and only a certain failure is
+    refused here; an ENOSPC part-way is undone instead.
+    """
+    if needed <= 0:
+        return
+    try:
+        fs = statvfs(fd)
+    except OSError as exc:
+        raise _io_error(exc, "statvfs") from exc
+    free = fs.f_bfree * fs.f_frsize
+    if free < needed:
+        raise ResourceExhausted(
+            f"sealing [0, {length}) needs {needed} more bytes allocated but the filesystem has {free} free: "
+            f"free space on the export or ask for a shorter length"
+        )
+
+
+def _holes_and_unwritten(extents: list[Extent], limit: int, edge: int) -> tuple[list[Range], list[Range]]:
+    """Return the holes and the UNWRITTEN ranges of [0, limit) in `extents` (not clipped at `limit`).
+
+    A hole that reaches `limit` is stretched to `edge`; an UNWRITTEN range ends
+    where its extent does, but not past `edge`.
+    """
+    holes: list[Range] = []
+    unwritten: list[Range] = []
+    covered = 0
+    for ext in sorted(extents, key=lambda e: e.logical):
+        if ext.logical > covered:
+            holes.append((covered, ext.logical))
+        if ext.flags & FIEMAP_EXTENT_UNWRITTEN and ext.end > covered:
+            unwritten.append((max(ext.logical, covered), min(ext.end, edge)))
+        covered = max(covered, ext.end)
+    if covered < limit:
+        holes.append((covered, edge))
+    return holes, unwritten
+
+
+def _overlaps(ranges: list[Range], others: list[Range]) -> list[Range]:
+    """The non-empty intersections of each range of `ranges` with each of `others`."""
+    return [(max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d)]
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
 
 
 def _allocate(fd: int, length: int) -> None:
@@ -84,7 +343,13 @@ def _allocate(fd: int, length: int) -> None:
         raise _io_error(exc, f"allocating {length} bytes") from exc
 
 
-def _unwritten_ranges(extents: list[Extent], length: int) -> list[tuple[int, int]]:
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _unwritten_ranges(extents: list[Extent], length: int) -> list[Range]:
     """Return the [start, end) ranges of [0, length) that are holes or UNWRITTEN extents."""
     ranges = []
     covered = 0
@@ -99,10 +364,11 @@ def _unwritten_ranges(extents: list[Extent], length: int) -> list[tuple[int, int
     return ranges
 
 
-def _write_zeros(fd: int, start: int, end: int) -> None:
+def _write_zeros(fd: int, start: int, end: int, before_each: Callable[[], None]) -> None:
     zeros = memoryview(_ZEROS)
     offset = start
     while offset < end:
+        before_each()
         try:
             offset += os.pwrite(fd, zeros[: min(end - offset, len(zeros))], offset)
         except OSError as exc:

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError
 from .grants import Grant
+from .fiemap import read_extents
 from .lease import FileLease, lease_state
 from .mapping import DaxMapping, MappingError
 from .paths import resolve_beneath, split_relpath, unlink_beneath
-from .prepare import PreparedFile, prepare_file
+from .prepare import LEASE_BROKEN, Preparation, PreparedFile, ReadExtents
 
 SEALED = "SEALED"
 REVOKED = "REVOKED"
@@ -54,20 +55,42 @@ class SealedFile:
             steps.callback(self.mapping.close)
 
 
-def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, map_sync: bool) -> SealedFile:
-    """Open `relpath` beneath the root, lease it, make [0, length) stable and map it; on failure nothing is left behind."""
+def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, map_sync: bool,
+                     read_extents: ReadExtents = read_extents) -> SealedFile:
+    """Open `relpath` beneath the root, lease it, make [0, length) stable and map it.
+
+    On failure nothing is left behind: a file this call created is removed, an
+    existing one is put back as it was (size, allocation, bytes: prepare.py).
+    `read_extents` is where the block map comes from (tests pass stand-ins).
+    """
     resolved = resolve_beneath(root_fd, relpath, create=create)
-    with contextlib.ExitStack() as undo:
-        undo.callback(os.close, resolved.fd)
+    fd = resolved.fd
+    with contextlib.ExitStack() as undo:   # callbacks run last-in first-out
+        undo.callback(os.close, fd)
         if resolved.created:   # a Seal that fails leaves no file it made (undone before the close above)
-            undo.callback(unlink_beneath, root_fd, resolved.relpath, resolved.fd)
+            undo.callback(unlink_beneath, root_fd, resolved.relpath, fd)
         # Lease before preparing: nobody else may write while zero-filled ranges are chosen and written.
-        lease = FileLease(resolved.fd)
+        lease = FileLease(fd)
         undo.callback(lease.release)
-        prepared = prepare_file(resolved.fd, length)
-        mapping = _map(resolved.fd, length, relpath, map_sync)
+        # Refuses (unstable extents, no space, ...) before the file is changed at all.
+        preparation = Preparation(fd, length, read_extents=read_extents)
+        # Put back before the lease is released, so that an opener waiting for it finds the file as it was.
+        undo.callback(preparation.undo)
+        prepared = preparation.run(lease_intact=lambda: _lease_intact(fd))
+        mapping = _map(fd, length, relpath, map_sync)
+        undo.callback(mapping.close)   # unmapped before the file is put back
+        if not _lease_intact(fd):
+            raise FailedPrecondition(LEASE_BROKEN)
         undo.pop_all()
-    return SealedFile(resolved.fd, lease, mapping, prepared)
+    return SealedFile(fd, lease, mapping, prepared)
+
+
+def _lease_intact(fd: int) -> bool:
+    """Whether our write lease on `fd` is still whole: not under break by someone opening the file, not gone."""
+    try:
+        return lease_state(fd) == fcntl.F_WRLCK
+    except OSError:
+        return False
 
 
 def _map(fd: int, length: int, relpath: str, map_sync: bool) -> DaxMapping:

@@ -72,7 +72,7 @@ class ServerTls:
                                  f"UTC: re-issue it with `rdax-admin certs node`")
         cas = _load_certs("--tls-client-ca", self.client_ca, ca_pem)
         if all(_is_leaf(ca) for ca in cas):
-            raise TlsConfigError(f"--tls-client-ca {self.client_ca} holds no CA certificate (did you give a node or "
+            raise TlsConfigError(f"--tls-client-ca {self.client_ca}: holds no CA certificate (did you give a node or "
                                  f"client certificate?): give the ca.pem that signed the clients' certificates")
         return _Files(cert_pem, key_pem, ca_pem, not_after)
 

@@ -92,8 +92,9 @@ def main() -> int:
     root.mkdir(exist_ok=True)
     server = Server(lab, root, Path("/tmp/hotpath-server.log"))
     try:
+        from pki import client_env
         return subprocess.call(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, __file__,
-                                "--client", server.target])
+                                "--client", server.target], env=client_env(server.pki))
     finally:
         server.stop()
 

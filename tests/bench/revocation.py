@@ -21,6 +21,7 @@ from pathlib import Path
 LAB = Path(__file__).resolve().parent.parent / "lab"
 sys.path.insert(0, str(LAB))
 from conftest import Client, Server  # noqa: E402  (the lab tests' server/client drivers)
+from pki import make_pki  # noqa: E402
 
 BREAKER = ("import os, sys, time; t0 = time.monotonic(); fd = os.open(sys.argv[1], os.O_RDONLY); "
            "t1 = time.monotonic(); os.close(fd); print(t0, t1)")
@@ -34,10 +35,11 @@ def percentile(values: list[float], q: float) -> float:
 def measure(lab: dict[str, str], trials: int) -> dict:
     root = Path(lab["RDAX_DAX_MOUNT"]) / f"bench-revoke-{uuid.uuid4().hex[:8]}"
     root.mkdir()
-    server = Server(lab, root, 7990)
+    pki = make_pki(Path("/run/rdax-lab-pki"), [lab["RDAX_STORAGE_IP"], "127.0.0.1"])
+    server = Server(lab, root, 7990, pki=pki)
     invalidated, notified = [], []
     try:
-        client = Client(lab, server.target)
+        client = Client(lab, server.target, pki)
         for i in range(trials):
             name = f"f{i}"
             assert client.call("open", name=name, path=name, length=1 << 20)["ok"]

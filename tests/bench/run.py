@@ -34,8 +34,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "lab"))
 
 from perftest import Perftest, Side, roce_v2_ipv4_gid_index  # noqa: E402
+from pki import client_env, make_pki, server_args  # noqa: E402  (the lab's mTLS material and policy)
 from report import attach_ratios, size_label, table  # noqa: E402
 
 KiB = 1 << 10
@@ -86,15 +88,22 @@ def rss(pid: int) -> dict[str, int]:
     return out
 
 
+def lab_pki(lab: dict) -> dict:
+    """The lab's throwaway CA, certificates and policy (tests/lab/pki.py): the bench talks mTLS like any client."""
+    return make_pki(Path("/run/rdax-lab-pki"), [lab["RDAX_STORAGE_IP"], "127.0.0.1"])
+
+
 class Server:
     """rdax-server in the storage namespace, exporting a directory on the DAX mount."""
 
     def __init__(self, lab: dict, root: Path, log: Path, timeout: float = 120) -> None:
         self.target = f"{lab['RDAX_STORAGE_IP']}:{PORT}"
         self.log = open(log, "w+")
+        self.pki = lab_pki(lab)
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab["RDAX_STORAGE_NS"], sys.executable, "-m", "rdax.service.cli",
-             "--root", str(root), "--listen", self.target, "--device", lab["RDAX_STORAGE_DEV"]],
+             "--root", str(root), "--listen", self.target, "--device", lab["RDAX_STORAGE_DEV"],
+             *server_args(self.pki, log.with_suffix(".audit.jsonl"))],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
@@ -138,7 +147,7 @@ class Peer:
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, str(HERE / "rdax_peer.py"), target],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=client_env(lab_pki(lab)))
         self._buf = b""
         self._read(timeout)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pki import client_env, make_pki, server_args
+
 HERE = Path(__file__).parent
 
 
@@ -30,6 +32,12 @@ def lab() -> dict[str, str]:
     if not opts or "dax=always" not in opts[0]:
         pytest.fail(f"{mount} is not mounted with dax=always ({opts})", pytrace=False)
     return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def pki(lab) -> dict[str, object]:
+    """Mutual-TLS material (a CA, the node's certificate, one client certificate per lab identity) and the policy."""
+    return make_pki(Path("/run/rdax-lab-pki"), [lab["RDAX_STORAGE_IP"], "127.0.0.1"])
 
 
 @pytest.fixture
@@ -76,15 +84,17 @@ def peer(lab):
 
 
 class Server:
-    """rdax-server as a subprocess in this (storage) namespace."""
+    """rdax-server as a subprocess in this (storage) namespace, over mutual TLS with the lab's policy."""
 
-    def __init__(self, lab, root: Path, port: int, *extra: str) -> None:
-        self.root, self.port = root, port
+    def __init__(self, lab, root: Path, port: int, *extra: str, pki: dict[str, object]) -> None:
+        self.root, self.port, self.pki = root, port, pki
         self.target = f"{lab['RDAX_STORAGE_IP']}:{port}"
         self.log = open(f"/tmp/rdax-server-{port}.log", "w+")
+        self.audit_path = Path(f"/tmp/rdax-audit-{port}-{uuid.uuid4().hex[:6]}.jsonl")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rdax.service.cli", "--root", str(root), "--listen", self.target,
-             "--device", lab["RDAX_STORAGE_DEV"], *extra], stdout=self.log, stderr=subprocess.STDOUT)
+             "--device", lab["RDAX_STORAGE_DEV"], *server_args(pki, self.audit_path), *extra],
+            stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             self.log.seek(0)
@@ -95,6 +105,12 @@ class Server:
                 pytest.fail(f"rdax-server exited {self.proc.returncode}:\n{text}", pytrace=False)
             time.sleep(0.2)
         pytest.fail(f"rdax-server did not start within 90 s:\n{text}", pytrace=False)
+
+    def audit(self) -> list[dict]:
+        """The audit trail so far, one dict per JSON line."""
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -114,8 +130,8 @@ def export_root(lab):
 
 
 @pytest.fixture
-def server(lab, export_root):
-    s = Server(lab, export_root, 7700 + random.randrange(200))
+def server(lab, export_root, pki):
+    s = Server(lab, export_root, 7700 + random.randrange(200), pki=pki)
     yield s
     s.stop()
 
@@ -123,10 +139,11 @@ def server(lab, export_root):
 class Client:
     """tests/lab/client_peer.py in the client namespace, connected to a server."""
 
-    def __init__(self, lab, target: str) -> None:
+    def __init__(self, lab, target: str, pki: dict[str, object], who: str = "lab") -> None:
+        self.who = who
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, str(HERE / "client_peer.py"), target],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=client_env(pki, who))
         hello = self.proc.stdout.readline()
         assert hello, f"client did not start (exit {self.proc.wait()})"
         self.session_id = json.loads(hello)["session_id"]
@@ -153,11 +170,11 @@ class Client:
 
 
 @pytest.fixture
-def clients(lab, server):
+def clients(lab, server, pki):
     made: list[Client] = []
 
-    def make(n: int = 1) -> list[Client]:
-        new = [Client(lab, server.target) for _ in range(n)]
+    def make(n: int = 1, who: str = "lab") -> list[Client]:
+        new = [Client(lab, server.target, pki, who) for _ in range(n)]
         made.extend(new)
         return new
     yield make

@@ -107,13 +107,13 @@ def test_commit_persists_written_range(server, clients):
 
 
 def test_server_restart_leaves_no_stale_registration_bad_flow(lab, export_root, server):
-    old = Client(lab, server.target)
+    old = Client(lab, server.target, server.pki)
     g = old.call("open", name="f", path="restart", length=MiB)
     assert g["ok"], g
     server.stop(signal.SIGKILL)
-    restarted = Server(lab, export_root, server.port + 1)
+    restarted = Server(lab, export_root, server.port + 1, pki=server.pki)
     try:
-        new = Client(lab, restarted.target)
+        new = Client(lab, restarted.target, server.pki)
         assert new.call("open", name="f", path="elsewhere", length=MiB)["ok"]
         r = new.call("raw_write", rkey=g["rkey"], remote_addr=g["remote_addr"], length=4096, seed=14)
         assert not r["ok"] and r["status"] == REM_ACCESS_ERR, r

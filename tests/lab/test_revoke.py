@@ -50,18 +50,18 @@ def sha256_of(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def shared_server(lab):
+def shared_server(lab, pki):
     """One server for every breaker (each breaks its own file): starting one takes seconds."""
     root = Path(lab["RDAX_DAX_MOUNT"]) / f"revoke-{time.monotonic_ns()}"
     root.mkdir()
-    server = Server(lab, root, 7900)
+    server = Server(lab, root, 7900, pki=pki)
     yield server
     server.stop()
 
 
 @pytest.fixture
 def streaming_client(lab, shared_server):
-    client = Client(lab, shared_server.target)
+    client = Client(lab, shared_server.target, shared_server.pki)
     yield client
     client.close()
 
@@ -114,10 +114,10 @@ def test_revoke_then_reseal_and_regrant_work(server, clients):
     assert client.call("read_equals", name="g", offset=0, length=MiB, seed=21)["equal"]
 
 
-def test_revoke_client_killed_loses_grants_after_lease_time(lab, export_root):
-    server = Server(lab, export_root, 7950, "--lease-seconds", "3")
+def test_revoke_client_killed_loses_grants_after_lease_time(lab, export_root, pki):
+    server = Server(lab, export_root, 7950, "--lease-seconds", "3", pki=pki)
     try:
-        client = Client(lab, server.target)
+        client = Client(lab, server.target, pki)
         grant = client.call("open", name="f", path="orphan", length=MiB)
         assert grant["ok"], grant
         assert grant["rkey"] in storage_mr_rkeys(lab)
