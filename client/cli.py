@@ -13,7 +13,15 @@ from tqdm import tqdm
 from rdax.rdma import VerbsError
 
 from .errors import RdaxClientError
-from .session import PAGE, connect
+from .session import PAGE, Session, connect
+from .tls import tls_from_env
+
+
+def session_for(args: argparse.Namespace) -> Session:
+    """A session with --target over mTLS (the --tls-* flags, else RDAX_TLS_*), or plaintext with --insecure."""
+    if args.insecure:
+        return connect(args.target, device=args.device, insecure=True)
+    return connect(args.target, device=args.device, tls=tls_from_env(args.tls_ca, args.tls_cert, args.tls_key))
 
 
 def _aligned(n: int) -> int:
@@ -35,7 +43,7 @@ class _Hashing:
 
 def cmd_put(args) -> int:
     size = os.path.getsize(args.local)
-    with connect(args.target, device=args.device) as session, open(args.local, "rb", buffering=0) as src:
+    with session_for(args) as session, open(args.local, "rb", buffering=0) as src:
         with session.open(args.remote, _aligned(size), create=True) as remote:
             reader = _Hashing(src)
             start = time.monotonic()
@@ -50,14 +58,14 @@ def cmd_put(args) -> int:
 
 
 def cmd_cat(args) -> int:
-    with connect(args.target, device=args.device) as session:
+    with session_for(args) as session:
         with session.open(args.remote, _aligned(args.length), create=False) as remote:
             sys.stdout.buffer.write(remote.read(0, args.length))
     return 0
 
 
 def cmd_stat(args) -> int:
-    with connect(args.target, device=args.device) as session:
+    with session_for(args) as session:
         for seal in session.list():
             if args.seal in (seal.seal_id, seal.path):
                 print(seal)
@@ -67,7 +75,7 @@ def cmd_stat(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    with connect(args.target, device=args.device) as session:
+    with session_for(args) as session:
         for seal in session.list():
             print(f"{seal.seal_id}  {seal.state:8} epoch={seal.epoch:<4} len={seal.length:<12} "
                   f"grants={len(seal.grant_ids):<3} {seal.path}")
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="node address host:port (env RDAX_TARGET)")
     parser.add_argument("--device", default=os.environ.get("RDAX_DEVICE"),
                         help="local RDMA device (default: the one in this network namespace)")
+    parser.add_argument("--tls-ca", help="CA that signed the node's certificate (env RDAX_TLS_CA)")
+    parser.add_argument("--tls-cert", help="this client's certificate (env RDAX_TLS_CERT)")
+    parser.add_argument("--tls-key", help="this client's key (env RDAX_TLS_KEY)")
+    parser.add_argument("--insecure", action="store_true", help="plaintext, for a node started with --insecure")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("put", help="write a local file into a remote sealed file over RDMA")
     p.add_argument("local")
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (RdaxClientError, VerbsError, OSError) as exc:
+    except (RdaxClientError, VerbsError, OSError, ValueError) as exc:
         print(f"rdax: {exc}", file=sys.stderr)
         return 1
 

@@ -12,8 +12,25 @@ src=/tmp/demo-source
 head -c "${MB}M" /dev/urandom > "$src"
 size=$(stat -c %s "$src")
 
+# Throwaway mutual-TLS material, made the way an operator would (no openssl), and a policy that lets the demo
+# client write beneath demo/.
+pki=/run/rdax-demo-pki
+rdax-admin certs ca --dir "$pki" --name "rdax demo CA" --force >/dev/null
+rdax-admin certs node --dir "$pki" --name node --ip "$RDAX_STORAGE_IP" >/dev/null
+rdax-admin certs client --dir "$pki" --identity spiffe://rdax.demo/client --name client >/dev/null
+cat > "$pki/policy.toml" <<'POLICY'
+[[allow]]
+identity = "spiffe://rdax.demo/client"
+paths = ["demo/**"]
+create = true
+access = ["write", "read", "flush"]
+POLICY
+echo "demo: mTLS certificates and policy in $pki (rdax-admin certs)"
+
 ip netns exec storage rdax-server --root "$export_root" --listen "$RDAX_STORAGE_IP:$PORT" \
-    --device "$RDAX_STORAGE_DEV" > /tmp/rdax-server.log 2>&1 &
+    --device "$RDAX_STORAGE_DEV" --tls-cert "$pki/node.pem" --tls-key "$pki/node.key" \
+    --tls-client-ca "$pki/ca.pem" --policy "$pki/policy.toml" --audit-log /tmp/rdax-audit.jsonl \
+    > /tmp/rdax-server.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
@@ -25,6 +42,7 @@ grep -q "listening on" /tmp/rdax-server.log || { cat /tmp/rdax-server.log; echo 
 echo "demo: $(grep 'listening on' /tmp/rdax-server.log)"
 
 echo "demo: rdax put $MB MiB from the client namespace ($RDAX_CLIENT_IP) into $export_root/demo/blob"
+export RDAX_TLS_CA=$pki/ca.pem RDAX_TLS_CERT=$pki/client.pem RDAX_TLS_KEY=$pki/client.key
 out=$(ip netns exec client rdax --target "$RDAX_STORAGE_IP:$PORT" put -q "$src" demo/blob)
 echo "demo: $out"
 client_sha=$(sha256sum < "$src" | cut -d' ' -f1)

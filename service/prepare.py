@@ -219,14 +219,14 @@ class Preparation:
         for start, end in self.holes:
             step(f"punching the hole [{start}, {end}) again", _fallocate, fd,
                  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
-        for start, end in _overlaps(self.unwritten, self._zeroed):
+        overwritten = _overlaps(self.unwritten, self._zeroed)   # UNWRITTEN before, written zeros now
+        for start, end in overwritten:
             step(f"punching [{start}, {end}) to preallocate it again", _fallocate, fd,
                  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
+        # Past the end also when nothing grew: punching the hole that ends at the old end may reach past it.
+        # One call per run of adjacent ranges: fewer, longer extents, as the file had.
+        for start, end in _merged(overwritten + self.preallocated_past_end):
             step(f"preallocating [{start}, {end}) again", _fallocate, fd, FALLOC_FL_KEEP_SIZE, start, end - start)
-        # Also when nothing grew: punching the hole that ends at the old end may reach past it.
-        for start, end in self.preallocated_past_end:
-            step(f"preallocating [{start}, {end}) past the end again", _fallocate, fd,
-                 FALLOC_FL_KEEP_SIZE, start, end - start)
         step("setting atime and mtime back", os.utime, fd, ns=self._times_ns)
         step("fsync", os.fsync, fd)
         if problems:
@@ -329,6 +329,17 @@ def _holes_and_unwritten(extents: list[Extent], limit: int, edge: int) -> tuple[
 def _overlaps(ranges: list[Range], others: list[Range]) -> list[Range]:
     """The non-empty intersections of each range of `ranges` with each of `others`."""
     return [(max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d)]
+
+
+def _merged(ranges: list[Range]) -> list[Range]:
+    """`ranges` sorted, with those that overlap or touch joined."""
+    merged: list[Range] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _round_up(value: int, unit: int) -> int:

@@ -1,8 +1,6 @@
 """The node's mTLS server credentials, re-read from their files on SIGHUP without dropping connections."""
 from __future__ import annotations
 
-import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -11,8 +9,6 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-
-log = logging.getLogger("rdax.service")
 
 # TLS versions. grpcio's Python API has no way to set them: ssl_server_credentials and
 # dynamic_ssl_server_credentials build grpc_ssl_server_credentials_options with only a
@@ -106,20 +102,6 @@ class ServerTls:
                                                                  root_certificates=files.client_ca)
         self._generation += 1
         self.not_after = files.not_after
-
-
-def reload_on_sighup(tls: ServerTls) -> None:
-    """Call tls.reload() on SIGHUP (from the main thread), logging the outcome; a failed reload keeps the old files."""
-    def on_hup(signum, frame) -> None:
-        try:
-            tls.reload()
-        except TlsConfigError as exc:
-            log.error("SIGHUP: TLS files not reloaded, still serving the previous ones: %s", exc)
-        else:
-            log.info("SIGHUP: TLS files reloaded for new connections (certificate valid until %s)",
-                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(tls.not_after)))
-
-    signal.signal(signal.SIGHUP, on_hup)
 
 
 def _read(flag: str, path: str) -> bytes:

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 
-from rdax.client import GrantRevoked, RdaxClientError, RemoteError, RemoteFile, connect
+from rdax.client import GrantRevoked, RdaxClientError, RemoteError, RemoteFile, SessionLost, connect
 from rdax.rdma import Access, Chunk, VerbsError, WorkCompletionError
 
 from labkit import pattern, serve
@@ -66,7 +66,7 @@ class ClientPeer:
             offset = (i * chunk) % f.length
             try:
                 f.write(offset, bytes([i % 251 + 1]) * chunk)
-            except (GrantRevoked, WorkCompletionError, VerbsError) as exc:
+            except (GrantRevoked, SessionLost, WorkCompletionError, VerbsError) as exc:
                 return {"writes": i, "stopped_by": type(exc).__name__, "error": str(exc)}
             i += 1
         return {"writes": i, "stopped_by": "time", "error": ""}
