@@ -2,22 +2,24 @@
 
 A Seal that is refused must leave the file as it found it (issue 14: a
 reflinked 1 MiB file refused for its SHARED extents had become 8 MiB). So a
-Preparation works in three steps:
+Preparation works in three steps, all under the node's write lease:
 
 1. Preparation(fd, length) checks, before anything is changed, all that can be
-   known in advance: the descriptor, the flags of the extents the file already
-   has in [0, length) (SHARED, DATA_INLINE, UNKNOWN, ENCODED, NOT_ALIGNED and
-   DATA_TAIL stay whatever preparation does: fiemap.check_fixable), and the
-   free space (fewer free blocks than there are bytes to allocate is refused
-   with ResourceExhausted). It records what it found: size, times, the holes
-   and UNWRITTEN ranges inside the old size, what was preallocated past the
-   old end.
+   known in advance: the descriptor (a regular file, not read-only, not
+   O_APPEND), the flags of the extents the file already has in [0, length)
+   (SHARED, DATA_INLINE, UNKNOWN, ENCODED, NOT_ALIGNED and DATA_TAIL stay
+   whatever preparation does: fiemap.check_fixable) and the free space (fewer
+   free blocks, counting root's reserve, than bytes still to allocate is
+   refused with ResourceExhausted). It records what it found: size, atime and
+   mtime, the holes and UNWRITTEN ranges inside the old size, what was
+   preallocated past the old end.
 2. run() allocates [0, length), writes zeros over the holes and UNWRITTEN
    ranges, fsyncs and verifies the block map. What cannot be known before is
    found out here: ENOSPC or EDQUOT part-way (ext4 extends the file with each
    chunk it allocates, so a failed fallocate still leaves it longer), a block
-   map still unstable after all, and a lease break — another process opening
-   the file meanwhile (checked before every change and every MiB of zeros).
+   map still unstable after all, and a lease break: another process opening
+   the file meanwhile (checked before the first change, after allocating,
+   before every MiB of zeros and at the end).
 3. undo() puts the file back when run() or anything after it (mapping the
    file) fails:
 
@@ -27,24 +29,27 @@ Preparation works in three steps:
      FLAG_SYNC); the truncate drops all it added past the old end.
    - holes inside the old size: punched out again (FALLOC_FL_PUNCH_HOLE).
    - UNWRITTEN ranges inside the old size that were overwritten with zeros:
-     punched and preallocated again (FALLOC_FL_KEEP_SIZE), so they are
-     UNWRITTEN again, on blocks that may lie elsewhere on the device.
+     made UNWRITTEN again with FALLOC_FL_ZERO_RANGE (ext4 converts the extents
+     in place; XFS frees and preallocates, so the blocks may move), or punched
+     and preallocated where ZERO_RANGE is not supported.
    - blocks preallocated past the old end (fallocate KEEP_SIZE): the truncate
      frees them with the rest, so their ranges are preallocated again.
    - atime and mtime: set back (futimens). ctime cannot be: it shows the change.
-   - st_blocks: the same as before in every refusal the unit tests make (ext4
-     with 4 KiB blocks); metadata the filesystem keeps may differ: ext4 does not
-     shrink an extent tree that grew a level while allocating, so after an
-     ENOSPC that had split the allocation into more than four extents the file
-     keeps one index block (measured: 2048 -> 2050 512-byte sectors with 1 KiB
-     blocks). Written extents are never touched: where the file's data lives,
-     and so the fingerprint of its block map over its data, is unchanged.
+   - written extents (the file's data): never touched, they keep their blocks.
+   - st_blocks: equal in every refusal the unit tests make, on ext4 with 4 KiB
+     blocks and on XFS (measured with tests/unit/test_prepare.py on both). The
+     filesystem's own bookkeeping can differ, measured on ext4: a tree of
+     extents that grew a level stays that deep (an ENOSPC part-way through an
+     allocation split into more than four extents, 1 KiB blocks: 2048 -> 2050
+     512-byte sectors); a preallocation that straddled an old end not on a
+     block boundary comes back as two extents, and a fifth extent costs a tree
+     block (4320 -> 4328).
 
    undo() relies on the lease being still held while it runs (intact or under
-   break, the opener waiting for it): it runs before open_sealed_file releases
-   the lease. If preparation outlasts /proc/sys/fs/lease-break-time the kernel
+   break, the opener waiting for it): open_sealed_file releases the lease only
+   after it. If preparation outlasts /proc/sys/fs/lease-break-time the kernel
    drops the lease and lets the opener in; neither preparation nor undo is safe
-   then, which is why run() checks the lease every MiB of zeros it writes.
+   then, which is why run() checks the lease before every MiB of zeros.
 """
 
 import ctypes
@@ -75,6 +80,7 @@ PAGE_SIZE = 4096
 _ZEROS = bytes(1 << 20)  # one MiB written per pwrite call, the lease checked before each
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 LEASE_BROKEN = (
     "another process opened the file while it was being sealed (the node's write lease on it was broken): "
@@ -219,13 +225,16 @@ class Preparation:
         for start, end in self.holes:
             step(f"punching the hole [{start}, {end}) again", _fallocate, fd,
                  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
-        overwritten = _overlaps(self.unwritten, self._zeroed)   # UNWRITTEN before, written zeros now
-        for start, end in overwritten:
-            step(f"punching [{start}, {end}) to preallocate it again", _fallocate, fd,
-                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
+        # UNWRITTEN before, written zeros now: ZERO_RANGE makes them UNWRITTEN again (ext4 converts the
+        # extents in place, XFS frees and preallocates); where it is not supported, punch and preallocate.
+        for start, end in _overlaps(self.unwritten, self._zeroed):
+            step(f"making [{start}, {end}) UNWRITTEN again", _unwrite, fd, start, end - start)
         # Past the end also when nothing grew: punching the hole that ends at the old end may reach past it.
-        # One call per run of adjacent ranges: fewer, longer extents, as the file had.
-        for start, end in _merged(overwritten + self.preallocated_past_end):
+        # After an fsync: ext4 reuses the blocks the truncate freed only once that is committed (measured on
+        # a nearly full 16 MiB ext4: without it a 1 MiB preallocation came back as two extents, not one).
+        if self.preallocated_past_end:
+            step("fsync", os.fsync, fd)
+        for start, end in self.preallocated_past_end:
             step(f"preallocating [{start}, {end}) again", _fallocate, fd, FALLOC_FL_KEEP_SIZE, start, end - start)
         step("setting atime and mtime back", os.utime, fd, ns=self._times_ns)
         step("fsync", os.fsync, fd)
@@ -331,17 +340,6 @@ def _overlaps(ranges: list[Range], others: list[Range]) -> list[Range]:
     return [(max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d)]
 
 
-def _merged(ranges: list[Range]) -> list[Range]:
-    """`ranges` sorted, with those that overlap or touch joined."""
-    merged: list[Range] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
@@ -358,6 +356,17 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _unwrite(fd: int, offset: int, length: int) -> None:
+    """Turn [offset, offset + length), which reads as zeros, into UNWRITTEN extents."""
+    try:
+        _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _unwritten_ranges(extents: list[Extent], length: int) -> list[Range]:

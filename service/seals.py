@@ -8,8 +8,8 @@ import threading
 from dataclasses import dataclass, field
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError
-from .grants import Grant
 from .fiemap import read_extents
+from .grants import Grant
 from .lease import FileLease, lease_state
 from .mapping import DaxMapping, MappingError
 from .paths import resolve_beneath, split_relpath, unlink_beneath

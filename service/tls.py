@@ -1,4 +1,4 @@
-"""The node's mTLS server credentials, re-read from their files on SIGHUP without dropping connections."""
+"""The node's mTLS server credentials; reload() (on SIGHUP) re-reads the files without dropping connections."""
 from __future__ import annotations
 
 import threading
@@ -93,6 +93,7 @@ class ServerTls:
 
     def reload(self) -> None:
         """Re-read the files for the next handshakes; if they are bad, keep the old ones and raise TlsConfigError."""
+        # Validate here: gRPC core logs a config it cannot load and keeps the old one, but never tells Python.
         files = self.check_files()
         with self._lock:
             self._install(files)

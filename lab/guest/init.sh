@@ -62,6 +62,7 @@ status=127
 if [[ -n $run_dir && -f $run_dir/cmd.sh ]]; then
     cd /src
     echo "lab: ready in $(cut -d' ' -f1 /proc/uptime) s" > /dev/console
+    : > "$run_dir/started"   # the host retries a boot that died before this (lab/run.sh)
     bash "$run_dir/cmd.sh" < /dev/null 2>&1 | tee "$run_dir/output.log" > /dev/console
     status=${PIPESTATUS[0]}
 else

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 from rdax.client import GrantRevoked, RdaxClientError, RemoteError, RemoteFile, SessionLost, connect
@@ -17,15 +18,100 @@ from labkit import pattern, serve
 
 class ClientPeer:
     def __init__(self, target: str) -> None:
+        self.target = target
         self.session = connect(target)
         self.files: dict[str, object] = {}
         self.notified_at: dict[str, float] = {}   # grant id -> CLOCK_MONOTONIC when Watch told us
+        self.seen: list[dict] = []                # every Watch event, in order
         self.session.on_revoke.append(self._on_revoke)
+        self._streams: list[object] = []          # Watch streams kept open by watch_flood
 
     def _on_revoke(self, event) -> None:
         now = time.monotonic()
+        self.seen.append({"kind": event.kind, "reason": event.reason, "grant_ids": list(event.grant_ids)})
         for grant_id in event.grant_ids:
             self.notified_at.setdefault(grant_id, now)
+
+    # -- a hostile client's tools -------------------------------------------------
+    def rpc(self, method: str, fields: dict, timeout: float = 30.0) -> dict:
+        """Any Rdax RPC with any fields, straight through the stub: the reply, or the status it got."""
+        import grpc
+        from google.protobuf import json_format
+        from rdax.v1 import rdax_pb2 as pb
+
+        request_name = {"List": "ListRequest", "Stat": "StatRequest"}.get(method, f"{method}Request")
+        request = json_format.ParseDict(fields, getattr(pb, request_name)())
+        started = time.monotonic()
+        try:
+            reply = getattr(self.session.stub, method)(request, timeout=timeout)
+            if method == "Watch":
+                reply = next(iter(reply))
+        except grpc.RpcError as exc:
+            return {"code": exc.code().name, "details": exc.details() or "", "ms": (time.monotonic() - started) * 1e3}
+        return {"code": "OK", "ms": (time.monotonic() - started) * 1e3,
+                "reply": json_format.MessageToDict(reply, preserving_proto_field_name=True)}
+
+    def rpc_latency(self, method: str, fields: dict, count: int, pause: float = 0.0) -> dict:
+        """`count` calls of one RPC in a row: the latencies in ms and the codes seen."""
+        times, codes = [], {}
+        for _ in range(count):
+            r = self.rpc(method, fields)
+            times.append(r["ms"])
+            codes[r["code"]] = codes.get(r["code"], 0) + 1
+            time.sleep(pause)
+        return {"ms": times, "codes": codes}
+
+    def open_sessions(self, count: int) -> dict:
+        """`count` OpenSession calls with made-up endpoints (no QP of ours behind them): the codes seen."""
+        codes: dict[str, int] = {}
+        opened, details = [], ""
+        for i in range(count):
+            r = self.rpc("OpenSession", {"client_id": f"flood-{i}", "endpoint": {
+                "qpn": 0x100 + i, "gid": "::ffff:10.77.0.2", "psn": 1, "mtu": 4096}})
+            codes[r["code"]] = codes.get(r["code"], 0) + 1
+            if r["code"] == "OK":
+                opened.append(r["reply"]["session_id"])
+            else:
+                details = r["details"]
+        return {"codes": codes, "opened": opened, "details": details}
+
+    def watch_flood(self, count: int) -> dict:
+        """Open `count` Watch streams on this session and keep them open; how many the node took."""
+        from rdax.v1 import rdax_pb2 as pb
+        import grpc
+
+        refused = {}
+        for _ in range(count):
+            stream = self.session.stub.Watch(pb.WatchRequest(session_id=self.session.session_id))
+            self._streams.append(stream)
+        time.sleep(2.0)
+        for stream in self._streams:
+            if stream.done() and stream.code() != grpc.StatusCode.OK:
+                refused[stream.code().name] = refused.get(stream.code().name, 0) + 1
+        return {"opened": len(self._streams) - sum(refused.values()), "refused": refused}
+
+    def end_watch_flood(self) -> dict:
+        for stream in self._streams:
+            stream.cancel()
+        n, self._streams = len(self._streams), []
+        return {"cancelled": n}
+
+    def raw_read(self, rkey: int, remote_addr: int, length: int) -> dict:
+        """RDMA READ with any rkey/address, bypassing the library's checks."""
+        s = self.session
+        s.conn.read([Chunk(s.staging.addr, s.staging.lkey, length, rkey, remote_addr)])
+        return {"bytes": length}
+
+    def reconnect(self) -> dict:
+        """A new session (the old one's QP may be in the error state)."""
+        old, self.session = self.session, connect(self.target)
+        self.session.on_revoke.append(self._on_revoke)
+        threading.Thread(target=old.close, daemon=True).start()   # rxe teardown after errors can be slow
+        self.files.clear()
+        return {"session_id": self.session.session_id}
+
+    def events(self) -> dict:
+        return {"events": self.seen, "lost": str(self.session.lost or "")}
 
     def open(self, name: str, path: str, length: int, access: int = 15, offset: int = 0,
              grant_length: int | None = None) -> dict:
@@ -99,7 +185,37 @@ def _error(exc: Exception) -> dict | None:
     return None
 
 
+def handshake(mode: str, target: str) -> dict:
+    """One call to the node with the given transport (no RDMA): how far a client without the right
+    credentials gets. plaintext: no TLS at all; nocert: TLS, the right CA, no client certificate; env: the
+    RDAX_TLS_* files (a valid identity, or another CA's certificate)."""
+    import grpc
+    from rdax.client.tls import tls_from_env, secure_channel
+    from rdax.v1 import rdax_pb2 as pb, rdax_pb2_grpc
+
+    tls = tls_from_env()
+    if mode == "plaintext":
+        channel = grpc.insecure_channel(target)
+    elif mode == "nocert":
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(open(tls.ca, "rb").read()))
+    else:
+        channel = secure_channel(target, tls)
+    stub = rdax_pb2_grpc.RdaxStub(channel)
+    try:
+        opened = stub.OpenSession(pb.OpenSessionRequest(client_id="handshake", endpoint=pb.Endpoint(
+            qpn=0x77, gid="::ffff:10.77.0.2", psn=1, mtu=4096)), timeout=20)
+        stub.CloseSession(pb.CloseSessionRequest(session_id=opened.session_id), timeout=20)
+        return {"code": "OK"}
+    except grpc.RpcError as exc:
+        return {"code": exc.code().name, "details": exc.details() or ""}
+    finally:
+        channel.close()
+
+
 def main() -> None:
+    if sys.argv[1] == "--handshake":
+        print(json.dumps(handshake(sys.argv[2], sys.argv[3])), flush=True)
+        return
     peer = ClientPeer(sys.argv[1])
     print(json.dumps({"ok": True, "session_id": peer.session.session_id}), flush=True)
     serve(peer, _error)

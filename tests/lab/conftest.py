@@ -161,6 +161,8 @@ class Client:
         return self.recv()
 
     def close(self) -> None:
+        if self.proc.stdin.closed:   # closed already (a test may close it before its checks)
+            return
         try:
             self.proc.stdin.write('{"op": "quit"}\n')
             self.proc.stdin.close()

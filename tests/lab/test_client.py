@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import Client, Server, storage_mr_rkeys
 from labkit import pattern
+from pki import client_env
 
 MiB = 1 << 20
 REM_ACCESS_ERR = 10
@@ -22,7 +23,7 @@ def test_put_256mib_sha256_matches_on_storage_side(lab, server, tmp_path):
     src.write_bytes(os.urandom(256 * MiB))
     run = subprocess.run(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, "-m", "rdax.client.cli",
                           "--target", server.target, "put", "-q", str(src), "big-blob"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=client_env(server.pki))
     assert run.returncode == 0, run.stderr
     want = hashlib.sha256(src.read_bytes()).hexdigest()
     assert want in run.stdout
