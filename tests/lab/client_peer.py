@@ -142,14 +142,14 @@ class ClientPeer:
         s.conn.write([Chunk(s.staging.addr, s.staging.lkey, length, rkey, remote_addr)])
         return {"bytes": length}
 
-    def stream(self, name: str, chunk: int = 65536, seconds: float = 60.0) -> dict:
-        """RDMA WRITE chunk after chunk (write i carries byte i % 251 + 1) until
-        something fails; report how many completed and what stopped them."""
+    def stream(self, name: str, chunk: int = 65536, seconds: float = 60.0, at: int | None = None) -> dict:
+        """RDMA WRITE chunk after chunk (write i carries byte i % 251 + 1), through the file or always `at`,
+        until something fails; report how many completed and what stopped them."""
         f = self.files[name]
         deadline = time.monotonic() + seconds
         i = 0
         while time.monotonic() < deadline:
-            offset = (i * chunk) % f.length
+            offset = (i * chunk) % f.length if at is None else at
             try:
                 f.write(offset, bytes([i % 251 + 1]) * chunk)
             except (GrantRevoked, SessionLost, WorkCompletionError, VerbsError) as exc:

@@ -132,3 +132,27 @@ def test_revoke_client_killed_loses_grants_after_lease_time(lab, export_root, pk
         assert time.monotonic() - start < 5
     finally:
         server.stop()
+
+
+def test_revoke_write_racing_a_breaker_lands_only_inside_its_range(server, clients):
+    """1 MiB writes to [1, 2) MiB of a 4 MiB seal while a breaker opens the file: the write in flight at the
+    revocation lands whole or fails, and whatever of it landed lies inside its target range."""
+    (client,) = clients(1)
+    assert client.call("open", name="f", path="race", length=4 * MiB)["ok"]
+    client.send("stream", name="f", chunk=MiB, at=MiB)
+    time.sleep(2.0)
+    with open(server.root / "race", "rb"):   # the breaker: returns once the grant is deregistered
+        pass
+    stream = client.recv()
+    assert stream["writes"] > 0 and stream["stopped_by"] in ("WorkCompletionError", "GrantRevoked", "SessionLost")
+    data = (server.root / "race").read_bytes()
+    assert data[:MiB] == bytes(MiB) and data[2 * MiB:] == bytes(2 * MiB), "bytes landed outside the target range"
+    done = stream["writes"]                          # writes 0 .. done-1 completed
+    last_ok, in_flight = (done - 1) % 251 + 1, done % 251 + 1
+    pages = [data[o:o + 4096] for o in range(MiB, 2 * MiB, 4096)]
+    values = [page[0] for page in pages]
+    assert all(page == bytes([page[0]]) * 4096 for page in pages), "a page holds bytes of two writes"
+    assert set(values) <= {last_ok, in_flight}, (set(values), last_ok, in_flight)
+    landed = values.count(in_flight) if in_flight != last_ok else 0
+    print(f"racing write: {done} writes completed; the one in flight ({stream['stopped_by']}) "
+          f"landed {landed} of 256 pages")
