@@ -47,12 +47,15 @@ def check_client(client_id: str, endpoint: Endpoint | None) -> None:
 def canonical_gid(gid: str) -> str:
     """Any valid IPv6 text form of a GID (compressed, IPv4-mapped, expanded) as the fully expanded form verbs takes."""
     try:
-        return ipaddress.IPv6Address(gid[:64]).exploded
+        packed = ipaddress.IPv6Address(gid[:64]).packed
     except ValueError:
         raise InvalidArgument(
             f"endpoint.gid {quote(gid, 64)!r} is not a GID in IPv6 notation: send any IPv6 text form, e.g. "
             f"::ffff:10.77.0.2 (RoCE v2 over IPv4, IPv4-mapped), fe80::1 or "
             f"0000:0000:0000:0000:0000:ffff:0a4d:0002") from None
+    # Eight groups of four hex digits, which is what pyverbs' GID() parses. Not IPv6Address.exploded: Python
+    # 3.13 writes an IPv4-mapped address as ...:ffff:10.77.0.2 there, which pyverbs refuses.
+    return ":".join(packed[i:i + 2].hex() for i in range(0, 16, 2))
 
 
 class EventKind(enum.IntEnum):
