@@ -6,7 +6,7 @@ source "$(dirname "$0")/common.sh"
 
 kernel=$("$LAB_DIR/fetch-kernel.sh")
 kver=$(cat "$kernel/KVER")
-key=$(recipe_key "$LAB_DIR/build-root.sh" "$LAB_DIR/common.sh" "$REPO_DIR/docker/packages.txt" \
+key=$(recipe_key "$LAB_DIR/build-root.sh" "$LAB_DIR/common.sh" "$REPO_DIR/docker/packages.txt" "$LAB_DIR/packages.txt" \
       "$REPO_DIR/pyproject.toml" "$kernel/KVER")
 out="$CACHE_DIR/root-$key"
 if [[ -f $out/.done ]]; then echo "$out"; exit 0; fi

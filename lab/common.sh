@@ -18,5 +18,6 @@ die() { printf '[lab] ERROR: %s\n' "$*" >&2; exit 1; }
 # so that a change to the recipe rebuilds it and nothing else does.
 recipe_key() { cat "$@" | sha256sum | cut -c1-16; }
 
-# Packages from docker/packages.txt, comma separated (for debootstrap).
-package_list() { grep -vE '^\s*(#|$)' "$REPO_DIR/docker/packages.txt" | paste -sd, -; }
+# Packages from docker/packages.txt (the node's) and lab/packages.txt (the lab's own), comma separated
+# (for debootstrap).
+package_list() { grep -hvE '^\s*(#|$)' "$REPO_DIR/docker/packages.txt" "$LAB_DIR/packages.txt" | paste -sd, -; }
