@@ -46,7 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         "and their quotas; required, default deny")
     trust.add_argument("--audit-log", default="-",
                        help="append one JSON line per security-relevant event to this file ('-': stderr, the default)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over plaintext HTTP here (off unless given)")
     parser.add_argument("--log-level", default="INFO", help="(default %(default)s)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line, for log collectors (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format == "json":
+        from .metrics import JsonFormatter
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         return run(args)
     except Refused as exc:
@@ -74,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported late: grpc takes seconds to import in the lab, and a refused start needs none of it.
     from .audit import Audit
     from .limits import Limits
+    from .metrics import NodeMetrics
     from .node import Node
     from .server import serve
 
@@ -84,9 +93,19 @@ def run(args: argparse.Namespace) -> int:
     audit = Audit(args.audit_log)
     limits = Limits(max_sessions=args.max_sessions, open_session_rate=args.open_session_rate,
                     open_session_burst=max(1, int(2 * args.open_session_rate)))
+    metrics = NodeMetrics()
+    metrics.canary_ok.set(1)   # a canary that lost bytes refused the start above
+    metrics.write_alignment.set(canary.write_alignment)
     node = Node(args.root, fabric, lease_seconds=args.lease_seconds, grant_ttl_seconds=args.grant_ttl_seconds,
                 max_grants_per_session=args.max_grants_per_session, write_alignment=canary.write_alignment,
-                policy=policy, audit=audit, limits=limits)
+                policy=policy, audit=audit, limits=limits, metrics=metrics)
+    if args.metrics_listen:
+        try:
+            metrics.serve(args.metrics_listen)
+        except (OSError, ValueError) as exc:
+            node.shutdown()
+            raise Refused(f"--metrics-listen {args.metrics_listen}: {exc}") from exc
+        log.info("metrics on http://%s/metrics", args.metrics_listen)
     audit.event("node_started", root=args.root, listen=args.listen, insecure=tls is None, policy=policy.source)
 
     def on_reload() -> None:

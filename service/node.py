@@ -25,6 +25,7 @@ from .errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, 
 from .fabric_api import Endpoint, Fabric, Region
 from .grants import Grant, GrantDescriptor, access_label, check_access, check_range
 from .limits import MAX_COMMIT_RANGES, Limits, TokenBucket, ViolationLog
+from .metrics import NodeMetrics
 from .policy import Policy, Rule
 from .seals import SEALED, Seal, SealInfo, canonical_path, check_commit_range, open_sealed_file
 from .sessions import AsyncFollower, ChannelCloser, Event, EventKind, Session, canonical_gid, check_client
@@ -70,7 +71,7 @@ class Node:
                  grant_ttl_seconds: float | None = None, max_grants_per_session: int = 1024,
                  map_sync: bool = True, watch_seals: bool = True, audit_seconds: float = 5.0,
                  write_alignment: int = 1, policy: Policy | None = None, audit: Audit | None = None,
-                 limits: Limits = Limits(),
+                 limits: Limits = Limits(), metrics: NodeMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if lease_seconds <= 0:
@@ -87,6 +88,7 @@ class Node:
         # Default deny: a node without a policy refuses every identity.
         self.policy = policy if policy is not None else Policy.parse("", "<no policy>")
         self.audit_log = audit if audit is not None else NullAudit()
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.limits = limits
         self._root_fd = os.open(export_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._lock = threading.RLock()
@@ -117,6 +119,14 @@ class Node:
         self._next_audit = clock() + audit_seconds
         self._reaper = threading.Thread(target=self._reap_forever, name="rdax-reaper", daemon=True)
         self._reaper.start()
+        self.metrics.watch(self)
+
+    def state_counts(self) -> dict[str, int]:
+        """Live sessions, seals, grants and the bytes under them (metrics)."""
+        with self._lock:
+            grants = [g for s in self._sessions.values() for g in s.grants.values()]
+            return {"sessions": len(self._sessions), "seals": len(self._live_seal_by_path), "grants": len(grants),
+                    "registered_bytes": sum(g.length for g in grants)}
 
     # -- sessions -------------------------------------------------------------
     def open_session(self, client_id: str, endpoint: Endpoint | None, *, identity: str = ANONYMOUS,
@@ -282,6 +292,7 @@ class Node:
                      prepared.extent_count, seal.id, session.handle)
             self.audit_log.event("seal", identity=identity, session=session.handle, seal=seal.id, path=relpath,
                                  length=length, joined=False)
+            self.metrics.seals.labels("new").inc()
             return seal.info(session.id)
 
     def _path_lock(self, relpath: str) -> threading.Lock:
@@ -397,6 +408,7 @@ class Node:
             self.audit_log.event("grant", identity=identity, session=session.handle, seal=seal.id, path=seal.path,
                                  grant=grant.id, offset=offset, length=length, access=access_label(access),
                                  rkey=grant.rkey)
+            self.metrics.grants.inc()
             return grant.descriptor(self.write_alignment)
 
     def release(self, session_id: str, grant_id: str, *, identity: str = ANONYMOUS) -> None:
@@ -409,6 +421,7 @@ class Node:
                                f"revoked or expired, or never existed; Grant again if you need access")
             revocation.take_back(self._seals[grant.seal_id], [grant], self._sessions)
             self.audit_log.event("release", identity=identity, session=session.handle, grant=grant.id)
+            self.metrics.releases.inc()
 
     # -- revocation -----------------------------------------------------------
     def revoke(self, seal_id: str, reason: str, kind: EventKind = EventKind.REVOKED) -> None:
@@ -423,10 +436,12 @@ class Node:
                       if seal.file is not None and not seal.file.lease_intact()]
             for seal in broken:
                 self._revoke(seal, LEASE_BREAK_REASON, EventKind.REVOKED)
+            self.metrics.lease_breaks.inc(len(broken))
             return [seal.id for seal in broken]
 
     def _on_seal_event(self, key: bytes, mask: int, pid: int) -> None:
         """fanotify saw another process touch a sealed file (or lost events: key b'')."""
+        self.metrics.fanotify_events.inc()
         if not key:
             self.audit()
             return
@@ -437,7 +452,8 @@ class Node:
 
     def audit(self) -> list[str]:
         """Re-read every live seal's block map (FIEMAP); revoke those that moved or stopped being stable."""
-        with self._lock:
+        self.metrics.audit_runs.inc()
+        with self._lock, self.metrics.audit_seconds.time():
             moved = []
             for seal in list(self._live_seal_by_path.values()):
                 if seal.file is None:
@@ -471,6 +487,8 @@ class Node:
                 expired = [g for g in seal.grants.values() if g.expires_at is not None and g.expires_at <= now]
                 revocation.revoke_grants(seal, expired, f"grant expired after {self.grant_ttl_seconds} s",
                                          self._sessions, self._unix_ms())
+                if expired:
+                    self.metrics.revocations.labels("grant expired").inc(len(expired))
             sessions = list(self._sessions.values())
         # Querying each QP is a syscall: outside the lock.
         failed = [s for s in sessions if s.channel.failed()]
@@ -490,6 +508,7 @@ class Node:
                       "broken connection); open a new session and access only what was granted")
             self._end_session(session, EventKind.SESSION_ENDED, reason)
             refused = False if excused else self._violations.record(session.identity)
+            self.metrics.violations.labels(str(excused).lower()).inc()
         log.warning("session %s of %s: QP in the error state%s", session.handle, session.identity,
                     " after a revocation" if excused else " (remote access violation)")
         self.audit_log.event("violation" if not excused else "qp_error", identity=session.identity,
@@ -512,6 +531,7 @@ class Node:
                         continue
                     lost = [g for g in seal.grants.values() if g.session_id == session_id and g.access & ~allowed]
                     if lost:
+                        self.metrics.revocations.labels("policy changed").inc(len(lost))
                         revocation.revoke_grants(seal, lost, f"{why}: {session.identity!r} may no longer have "
                                                  f"{access_label(lost[0].access)} on {seal.path!r}",
                                                  self._sessions, self._unix_ms())
@@ -621,6 +641,7 @@ class Node:
         self._add_holder(seal, session)
         self.audit_log.event("seal", identity=session.identity, session=session.handle, seal=seal.id,
                              path=seal.path, length=seal.length, joined=True)
+        self.metrics.seals.labels("joined").inc()
         return seal.info(session.id)
 
     def _add_holder(self, seal: Seal, session: Session) -> None:
@@ -649,7 +670,9 @@ class Node:
         if self._seal_watcher is not None and seal.file is not None:
             self._seal_watcher.unwatch(seal.file.fd)
         self._seal_by_key.pop(seal.watch_key, None)
-        revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify)
+        with self.metrics.revocation_seconds.time():
+            revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify)
+        self.metrics.revocations.labels(_cause(reason)).inc()
         if self._live_seal_by_path.get(seal.path) is seal:
             del self._live_seal_by_path[seal.path]
         self.audit_log.event("revoke", seal=seal.id, path=seal.path, epoch=seal.epoch, reason=reason,
@@ -698,6 +721,18 @@ class Node:
                     self.audit()
             except Exception:
                 log.exception("reaping expired sessions and grants failed")
+
+
+_CAUSES = ("lease break", "seal broken", "extents changed", "block map", "unseal", "session", "policy changed",
+           "the node is shutting down", "grant expired")
+
+
+def _cause(reason: str) -> str:
+    """A bounded label for a revocation reason (reasons carry pids and paths)."""
+    for cause in _CAUSES:
+        if reason.startswith(cause):
+            return cause
+    return "other"
 
 
 def _new_id(kind: str) -> str:

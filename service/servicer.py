@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import sys
+import time
 from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
@@ -56,11 +57,14 @@ def _unary(method: Handler) -> Handler:
     @functools.wraps(method)
     def handler(self: "RdaxServicer", request: Any, context: grpc.ServicerContext) -> Any:
         rpc = method.__name__
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             caller = self.caller(context)
         except Unauthenticated as exc:
             self._node.audit_log.event("refused", rpc=rpc, identity="", peer=context.peer(), code="UNAUTHENTICATED",
                                        reason=str(exc))
+            self._node.metrics.rpc_seconds.labels(rpc, "UNAUTHENTICATED").observe(time.perf_counter() - started)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         try:
             return method(self, request, context, caller)
@@ -71,6 +75,8 @@ def _unary(method: Handler) -> Handler:
             self._node.audit_log.event("refused", rpc=rpc, identity=caller.name, peer=context.peer(),
                                        code=code.name, reason=quote(message, 400))
             context.abort(code, message)
+        finally:
+            self._node.metrics.rpc_seconds.labels(rpc, code.name).observe(time.perf_counter() - started)
     return handler  # type: ignore[return-value]
 
 

@@ -275,3 +275,12 @@ def test_status_of_verbs_error_maps_by_errno(monkeypatch) -> None:
     assert status_of(VerbsError("ibv_reg_mr(...): errno 12", 12))[0] == Code.RESOURCE_EXHAUSTED
     assert status_of(VerbsError("ibv_create_qp_ex(...)", None))[0] == Code.UNAVAILABLE
     assert status_of(RdaxError("boom")) == (Code.INTERNAL, "boom")
+
+
+def test_rpc_latency_by_method_and_code(stub, node: Node) -> None:
+    sid = open_session(stub)
+    code_of(stub.Heartbeat, pb.HeartbeatRequest(session_id="nope"))
+    sample = node.metrics.registry.get_sample_value
+    assert sample("rdax_rpc_seconds_count", {"method": "OpenSession", "code": "OK"}) == 1
+    assert sample("rdax_rpc_seconds_count", {"method": "Heartbeat", "code": "NOT_FOUND"}) == 1
+    assert sid

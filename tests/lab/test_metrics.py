@@ -1,0 +1,50 @@
+"""Lab: the node's Prometheus metrics after a put and a revocation (--metrics-listen)."""
+from __future__ import annotations
+
+import random
+import re
+import urllib.request
+
+import pytest
+from conftest import Client, Server
+
+MiB = 1 << 20
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=20).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+
+
+@pytest.fixture
+def metered(lab, export_root, pki):
+    port = 8100 + random.randrange(100)
+    server = Server(lab, export_root, 7500 + random.randrange(90), "--metrics-listen",
+                    f"{lab['RDAX_STORAGE_IP']}:{port}", pki=pki)
+    server.metrics_url = f"http://{lab['RDAX_STORAGE_IP']}:{port}/metrics"
+    yield server
+    server.stop()
+
+
+def test_metrics_move_after_a_put_and_a_revocation(lab, metered, pki):
+    before = scrape(metered.metrics_url)
+    assert before["rdax_canary_ok"] == 1 and before["rdax_write_alignment_bytes"] == 4096
+    client = Client(lab, metered.target, pki)
+    try:
+        assert client.call("open", name="f", path="metered", length=4 * MiB)["ok"]
+        assert client.call("write", name="f", offset=0, length=4 * MiB, seed=3, flush=True)["ok"]
+        live = scrape(metered.metrics_url)
+        assert live["rdax_live_sessions"] == 1 and live["rdax_live_grants"] == 1
+        assert live["rdax_live_registered_bytes"] == 4 * MiB
+        with open(metered.root / "metered", "rb"):   # a lease breaker
+            pass
+        assert client.call("revoked", name="f")["revoked"]
+        after = scrape(metered.metrics_url)
+    finally:
+        client.close()
+    assert after["rdax_grants_total"] - before.get("rdax_grants_total", 0) == 1
+    assert after['rdax_revocations_total{reason="lease break"}'] == 1
+    assert after["rdax_revocation_seconds_count"] == 1 and after["rdax_revocation_seconds_sum"] < 1.0
+    assert after['rdax_rpc_seconds_count{method="Grant",code="OK"}'] == 1
+    assert after['rdax_rpc_seconds_count{method="OpenSession",code="OK"}'] == 1
+    assert after["rdax_live_grants"] == 0 and after["rdax_lease_breaks_total"] == 1
