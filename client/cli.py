@@ -1,5 +1,4 @@
-"""The `rdax` command line: put a local file into a remote sealed file, cat,
-stat and list seals."""
+"""The `rdax` command line: put a local file into a remote file, get or cat one back, stat and list seals."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +9,7 @@ import time
 
 from tqdm import tqdm
 
-from rdax.rdma import VerbsError
+from rdax.rdma import Access, VerbsError
 
 from .errors import RdaxClientError
 from .session import PAGE, Session, connect
@@ -51,16 +50,56 @@ def cmd_put(args) -> int:
                       desc=f"put {args.remote}", file=sys.stderr) as bar:
                 written = remote.write_from(reader, 0, size, progress=bar.update)
             remote.flush(0, _aligned(written))
+            remote.size = written   # the file keeps the source's length, not the seal's whole pages
             elapsed = time.monotonic() - start
     rate = written / (1 << 20) / elapsed if elapsed else 0.0
     print(f"put: {written} bytes in {elapsed:.2f} s ({rate:.1f} MiB/s), flushed; sha256 {reader.sha.hexdigest()}")
     return 0
 
 
+def _read_remote(session, remote_path: str, sink, progress=None) -> tuple[int, str]:
+    """Read a whole remote file over RDMA into `sink` (a write(bytes) callable); returns (bytes, sha256)."""
+    size = session.stat_path(remote_path).file_size
+    sha = hashlib.sha256()
+    if size == 0:
+        return 0, sha.hexdigest()
+    with session.open(remote_path, _aligned(size), create=False, access=Access.READ) as remote:
+        offset = 0
+        while offset < size:
+            n = min(session.chunk * 8, size - offset)
+            data = remote.read(offset, n)
+            sha.update(data)
+            sink(data)
+            offset += n
+            if progress is not None:
+                progress(n)
+        remote.size = size   # leave it exactly as long as it was
+    return size, sha.hexdigest()
+
+
+def cmd_get(args) -> int:
+    with session_for(args) as session:
+        size = session.stat_path(args.remote).file_size
+        start = time.monotonic()
+        with open(args.local, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                                                 disable=args.quiet, desc=f"get {args.remote}",
+                                                 file=sys.stderr) as bar:
+            got, digest = _read_remote(session, args.remote, out.write, bar.update)
+        elapsed = time.monotonic() - start
+    with open(args.local, "rb") as f:
+        local = hashlib.file_digest(f, "sha256").hexdigest()
+    if local != digest or os.path.getsize(args.local) != got:
+        print(f"rdax: get {args.remote}: the local copy differs from what was read ({local} != {digest})",
+              file=sys.stderr)
+        return 1
+    rate = got / (1 << 20) / elapsed if elapsed else 0.0
+    print(f"get: {got} bytes in {elapsed:.2f} s ({rate:.1f} MiB/s); sha256 {digest}")
+    return 0
+
+
 def cmd_cat(args) -> int:
     with session_for(args) as session:
-        with session.open(args.remote, _aligned(args.length), create=False) as remote:
-            sys.stdout.buffer.write(remote.read(0, args.length))
+        _read_remote(session, args.remote, sys.stdout.buffer.write)
     return 0
 
 
@@ -98,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("remote", help="path beneath the node's export root")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_put)
-    p = sub.add_parser("cat", help="read a remote sealed file over RDMA to stdout")
+    p = sub.add_parser("get", help="read a remote file over RDMA into a local file (sha256 checked)")
+    p.add_argument("remote", help="path beneath the node's export root")
+    p.add_argument("local")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_get)
+    p = sub.add_parser("cat", help="read a remote file over RDMA to stdout")
     p.add_argument("remote")
-    p.add_argument("--length", type=int, required=True)
     p.set_defaults(func=cmd_cat)
     p = sub.add_parser("stat", help="describe one seal (by id or path)")
     p.add_argument("seal")

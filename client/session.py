@@ -128,11 +128,16 @@ class Session:
     def release(self, grant_id: str) -> None:
         _call("Release", self.stub.Release, pb.ReleaseRequest(session_id=self.session_id, grant_id=grant_id))
 
-    def unseal(self, seal_id: str) -> None:
-        _call("Unseal", self.stub.Unseal, pb.UnsealRequest(session_id=self.session_id, seal_id=seal_id))
+    def unseal(self, seal_id: str, size: int | None = None) -> None:
+        """Drop this session's hold; `size`: the file's size once the last holder lets go (bytes written)."""
+        _call("Unseal", self.stub.Unseal, pb.UnsealRequest(session_id=self.session_id, seal_id=seal_id, size=size))
 
     def stat(self, seal_id: str) -> pb.SealInfo:
         return _call("Stat", self.stub.Stat, pb.StatRequest(session_id=self.session_id, seal_id=seal_id))
+
+    def stat_path(self, path: str) -> pb.SealInfo:
+        """A file by path, sealed or not: its size (file_size) and its seal if it has one (state UNSEALED if not)."""
+        return _call("Stat", self.stub.Stat, pb.StatRequest(session_id=self.session_id, path=path))
 
     def list(self) -> list[pb.SealInfo]:
         return list(_call("List", self.stub.List, pb.ListRequest(session_id=self.session_id)).seals)
@@ -187,6 +192,7 @@ class RemoteFile:
         self.info = info
         self.grant = grant
         self.length = grant.length
+        self.size: int | None = None   # set it (bytes) to leave the file that long when it is let go
 
     def _check(self, offset: int, length: int, transfer: bool = False) -> None:
         """Raise unless [offset, offset+length) can be reached through the
@@ -311,10 +317,12 @@ class RemoteFile:
             ranges=[pb.Range(offset=o, length=n) for o, n in ranges]))
         return reply.bytes
 
-    def close(self) -> None:
-        """Release the grant and drop this session's hold on the seal."""
+    def close(self, size: int | None = None) -> None:
+        """Release the grant and drop this session's hold on the seal; with `size`, the file is set to that many
+        bytes when the last holder lets it go (seals are whole pages: `rdax put` of 1000 bytes declares 1000)."""
+        size = self.size if size is None else size
         for rpc in (lambda: self.session.release(self.grant.grant_id),
-                    lambda: self.session.unseal(self.info.seal_id)):
+                    lambda: self.session.unseal(self.info.seal_id, size)):
             try:
                 rpc()
             except RemoteError as exc:

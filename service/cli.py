@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", required=True, help="export root: files beneath it can be sealed (a DAX mount)")
     parser.add_argument("--listen", default="127.0.0.1:7710", help="HOST:PORT for gRPC (default %(default)s)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--device", help="RDMA device name, e.g. rxe0")
+    where.add_argument("--device", help="RDMA device name, e.g. rxe0 (default: the one device whose netdev is in this "
+                                        "network namespace)")
     where.add_argument("--ip", help="pick the RDMA device that has this IPv4 address")
     parser.add_argument("--mtu", type=int, default=4096, help="RDMA path MTU (default %(default)s; rxe ODP needs 4096)")
     parser.add_argument("--lease-seconds", type=int, default=30, help="session lease (default %(default)s)")
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="append one JSON line per security-relevant event to this file ('-': stderr, the default)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help="serve Prometheus metrics over plaintext HTTP here (off unless given)")
+    parser.add_argument("--health-listen", metavar="HOST:PORT",
+                        help="also serve grpc.health.v1, and nothing else, in plaintext on HOST:PORT (for probes "
+                             "that cannot present a client certificate, e.g. kubelet's gRPC probe); off by default")
     parser.add_argument("--log-level", default="INFO", help="(default %(default)s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per line, for log collectors (default %(default)s)")
@@ -96,9 +100,13 @@ def run(args: argparse.Namespace) -> int:
     metrics = NodeMetrics()
     metrics.canary_ok.set(1)   # a canary that lost bytes refused the start above
     metrics.write_alignment.set(canary.write_alignment)
-    node = Node(args.root, fabric, lease_seconds=args.lease_seconds, grant_ttl_seconds=args.grant_ttl_seconds,
-                max_grants_per_session=args.max_grants_per_session, write_alignment=canary.write_alignment,
-                policy=policy, audit=audit, limits=limits, metrics=metrics)
+    try:
+        node = Node(args.root, fabric, lease_seconds=args.lease_seconds, grant_ttl_seconds=args.grant_ttl_seconds,
+                    max_grants_per_session=args.max_grants_per_session, write_alignment=canary.write_alignment,
+                    policy=policy, audit=audit, limits=limits, metrics=metrics)
+    except OSError as exc:   # e.g. fanotify refused (service/fanotify.py says by what)
+        audit.close()
+        raise Refused(f"cannot watch sealed files: {exc}") from exc
     if args.metrics_listen:
         try:
             metrics.serve(args.metrics_listen)
@@ -114,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve(node, args.listen, stop, credentials=None if tls is None else tls.credentials(),
               on_ready=lambda where: print(f"rdax-server listening on {where}", flush=True),
-              on_reload=on_reload, reload=reload)
+              on_reload=on_reload, reload=reload, health_address=args.health_listen,
+              on_health_ready=lambda where: print(f"rdax-server health (plaintext, grpc.health.v1 only) on {where}",
+                                                  flush=True))
     except OSError as exc:
         node.shutdown()
         raise Refused(str(exc)) from exc
@@ -187,7 +197,13 @@ def open_fabric(args: argparse.Namespace):  # -> RdmaFabric; untyped so that --h
     except ImportError as exc:
         raise Refused(f"RDMA support is missing ({exc}): rdax-server needs pyverbs (Debian 13's python3-pyverbs)") from exc
     try:
-        return RdmaFabric(device=args.device, ip=args.ip, mtu=args.mtu)
+        device = args.device
+        if device is None and args.ip is None:
+            # Neither named: the one device whose netdev lives in our network namespace (a container's, a netns's).
+            from rdax.rdma import local_device
+            device = local_device()
+            log.info("RDMA device %s: the one with a netdev in this network namespace", device)
+        return RdmaFabric(device=device, ip=args.ip, mtu=args.mtu)
     except VerbsError as exc:
         raise Refused(f"no usable RDMA device: {exc}") from exc
 

@@ -1,4 +1,5 @@
-"""The real fabric over rdax.rdma: one PD and one RC QP per session, one memory region per grant (pinned, ODP as fallback)."""
+"""The real fabric over rdax.rdma: one PD and one RC QP per session, one memory region per grant (pinned, ODP as
+fallback; after the first refused pin, ODP straight away)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,7 @@ import errno
 
 from rdax.rdma import (Access, ConnectError, Connection, Device, DeviceNotFound, EndpointInfo, MemoryRegion,
                        RegistrationError, VerbsError, open_device, register)
+from rdax.rdma.mr import RegistrationMemo
 
 from .errors import InvalidArgument, RdaxError, ResourceExhausted, Unavailable
 from .fabric_api import REQUIRED_MTU, Endpoint
@@ -18,7 +20,8 @@ NODE_QP_DEPTH = 4
 class RdmaChannel:
     """A session's PD and RC QP on the node's device, connected to the client's QP."""
 
-    def __init__(self, device: Device, remote: Endpoint, mtu: int) -> None:
+    def __init__(self, device: Device, remote: Endpoint, mtu: int, memo: RegistrationMemo | None = None) -> None:
+        self.memo = memo
         with contextlib.ExitStack() as undo:
             self.pd = device.alloc_pd()
             undo.callback(self.pd.close)
@@ -31,7 +34,7 @@ class RdmaChannel:
 
     def register(self, addr: int, length: int, access: int) -> MemoryRegion:
         try:
-            return register(self.pd, addr, length, Access(access))
+            return register(self.pd, addr, length, Access(access), memo=self.memo)
         except VerbsError as exc:
             raise service_error(exc, "registering the grant's memory region") from exc
 
@@ -54,10 +57,11 @@ class RdmaFabric:
     def __init__(self, device: str | None = None, ip: str | None = None, mtu: int = REQUIRED_MTU) -> None:
         self.device = open_device(name=device, ip=ip)
         self.mtu = mtu
+        self.registrations = RegistrationMemo()   # shared by every channel: one pinned probe per node
 
     def open_channel(self, remote: Endpoint) -> RdmaChannel:
         try:
-            return RdmaChannel(self.device, remote, self.mtu)
+            return RdmaChannel(self.device, remote, self.mtu, self.registrations)
         except ConnectError as exc:
             raise InvalidArgument(
                 f"cannot connect the node's QP to the client's endpoint (qpn {remote.qpn}, gid {remote.gid}): "

@@ -85,6 +85,52 @@ def parse_events(data: bytes) -> list[tuple[int, int, bytes | None]]:
     return events
 
 
+CAP_SYS_ADMIN = 21
+
+
+def _status_field(status: str, name: str) -> str:
+    for line in status.splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def explain_init_error(err: int, status: str | None = None) -> str:
+    """What blocks fanotify_init(FAN_CLASS_NOTIF|FAN_REPORT_FID) here, and what to do about it.
+
+    The kernel allows this group without any capability since Linux 5.13 (unprivileged fanotify); what refuses
+    it is usually a container runtime's default seccomp profile, which allows fanotify_init only to a process
+    with CAP_SYS_ADMIN. `status` is /proc/self/status (read when not given)."""
+    if status is None:
+        try:
+            with open("/proc/self/status") as f:
+                status = f.read()
+        except OSError:
+            status = ""
+    try:
+        cap_sys_admin = bool(int(_status_field(status, "CapEff") or "0", 16) >> CAP_SYS_ADMIN & 1)
+    except ValueError:
+        cap_sys_admin = False
+    seccomp = _status_field(status, "Seccomp") not in ("", "0")
+    if err == errno.EPERM and seccomp and not cap_sys_admin:
+        return ("refused by the seccomp filter this process runs under, most likely a container runtime's default "
+                "profile, which allows fanotify_init only with CAP_SYS_ADMIN (the kernel itself allows it "
+                "unprivileged since 5.13). Run the container with docker/seccomp.json (the default profile plus "
+                "fanotify_init; Kubernetes: a Localhost seccomp profile), or, with more privilege, --cap-add SYS_ADMIN")
+    if err == errno.EPERM and seccomp:
+        return "refused by the seccomp filter this process runs under: its profile must allow fanotify_init"
+    if err == errno.EPERM:
+        return ("the kernel refuses unprivileged fanotify (Linux >= 5.13 allows FAN_REPORT_FID notification groups "
+                "without CAP_SYS_ADMIN; older kernels need CAP_SYS_ADMIN)")
+    if err == errno.EINVAL:
+        return "the kernel does not know FAN_REPORT_FID (needs Linux >= 5.1)"
+    if err in (errno.EMFILE, errno.ENFILE):
+        return "too many fanotify groups or open files for this user (fs.fanotify.max_user_groups, ulimit -n)"
+    if err == errno.ENOSYS:
+        return "this kernel has no fanotify (CONFIG_FANOTIFY)"
+    return "needs a kernel >= 5.13, or CAP_SYS_ADMIN on an older one"
+
+
 class SealWatcher:
     """One fanotify group; inode marks on sealed files; a thread that calls
     `on_break(key, mask, pid)` for each event another process caused."""
@@ -94,8 +140,8 @@ class SealWatcher:
                                        os.O_RDONLY | os.O_CLOEXEC)
         if self._fd < 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"fanotify_init(FAN_CLASS_NOTIF|FAN_REPORT_FID): {os.strerror(err)} "
-                               "(needs CAP_SYS_ADMIN and a kernel >= 5.1)")
+            raise OSError(err, f"fanotify_init(FAN_CLASS_NOTIF|FAN_REPORT_FID): {os.strerror(err)}: "
+                               f"{explain_init_error(err)}")
         self._on_break = on_break
         self._pid = os.getpid()
         self._stop = threading.Event()

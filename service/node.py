@@ -27,6 +27,7 @@ from .grants import Grant, GrantDescriptor, access_label, check_access, check_ra
 from .limits import MAX_COMMIT_RANGES, Limits, TokenBucket, ViolationLog
 from .metrics import NodeMetrics
 from .policy import Policy, Rule
+from .paths import stat_beneath
 from .seals import SEALED, Seal, SealInfo, canonical_path, check_commit_range, open_sealed_file
 from .sessions import AsyncFollower, ChannelCloser, Event, EventKind, Session, canonical_gid, check_client
 
@@ -319,15 +320,21 @@ class Node:
                 f"it no longer writes, or seal less")
         usage.sealed_bytes += length
 
-    def unseal(self, session_id: str, seal_id: str, *, identity: str = ANONYMOUS) -> int:
-        """Drop the session's hold (and its grants); the last holder's unseal lets the file go. Returns the epoch."""
+    def unseal(self, session_id: str, seal_id: str, *, identity: str = ANONYMOUS, size: int | None = None) -> int:
+        """Drop the session's hold (and its grants); the last holder's unseal lets the file go, set to the size a
+        holder declared (`size`, or an earlier Commit's). Returns the epoch."""
         with self._lock:
             session = self._session(session_id, identity)
             seal = self._held_seal(session, seal_id)
+            if size is not None:
+                seal.declare_size(size)
             self._drop_hold(seal, session, "unseal")
             return seal.epoch
 
-    def stat(self, session_id: str, seal_id: str, *, identity: str = ANONYMOUS) -> SealInfo:
+    def stat(self, session_id: str, seal_id: str, *, identity: str = ANONYMOUS, path: str = "") -> SealInfo:
+        """A seal by id, or a file by path (its size; its live seal if it has one) without sealing it."""
+        if not seal_id and path:
+            return self._stat_path(session_id, path, identity)
         with self._lock:
             session = self._session(session_id, identity)
             seal = self._seals.get(seal_id)
@@ -341,11 +348,24 @@ class Node:
             session = self._session(session_id, identity)
             return [seal.info(session.id) for seal in self._seals.values() if self._may_see(session, seal)]
 
+    def _stat_path(self, session_id: str, path: str, identity: str) -> SealInfo:
+        relpath = canonical_path(path)
+        with self._lock:
+            session = self._session(session_id, identity)
+            if not self.policy.may_see(identity, relpath):
+                raise NotFound(f"{relpath!r} is not on a path identity {identity!r} may seal (policy "
+                               f"{self.policy.source}): Stat shows only those")
+            seal = self._live_seal_by_path.get(relpath)
+            if seal is not None:
+                return seal.info(session.id)
+        size = stat_beneath(self._root_fd, relpath).st_size   # stat, not open: it breaks no lease
+        return SealInfo("", relpath, 0, 0, 0, "", (), "", (), "UNSEALED", "", 0, size)
+
     def _may_see(self, session: Session, seal: Seal) -> bool:
         return session.id in seal.holders or self.policy.may_see(session.identity, seal.path)
 
     def commit(self, session_id: str, seal_id: str, ranges: Sequence[tuple[int, int]], *,
-               identity: str = ANONYMOUS) -> int:
+               identity: str = ANONYMOUS, size: int | None = None) -> int:
         """msync(MS_SYNC) each (offset, length) range of the seal, or all of it for none; returns the bytes made durable.
 
         The ranges are checked and synced outside the node's lock: a Commit holds up nobody but a revocation of
@@ -360,6 +380,8 @@ class Node:
             if seal.state != SEALED:
                 raise FailedPrecondition(seal.revoked_message())
             seal_length = seal.length
+            if size is not None:
+                seal.declare_size(size)
         ranges = list(ranges) or [(0, seal_length)]
         for offset, length in ranges:
             check_commit_range(offset, length, seal_length)
@@ -653,7 +675,8 @@ class Node:
     def _drop_hold(self, seal: Seal, session: Session, reason: str, *, notify: bool = True) -> None:
         """Revoke the session's grants on the seal and drop its hold; the last hold lets the file go."""
         if list(seal.holders) == [session.id]:
-            self._revoke(seal, reason, EventKind.REVOKED, notify=notify)   # its grants go with the whole seal
+            # Its grants go with the whole seal; the file is let go at the size a holder declared.
+            self._revoke(seal, reason, EventKind.REVOKED, notify=notify, truncate_to=seal.declared_size)
         else:
             theirs = [g for g in seal.grants.values() if g.session_id == session.id]
             revocation.revoke_grants(seal, theirs, reason, self._sessions, self._unix_ms(), notify=notify)
@@ -664,14 +687,16 @@ class Node:
         if not seal.holders:
             self._seals.pop(seal.id, None)
 
-    def _revoke(self, seal: Seal, reason: str, kind: EventKind, *, notify: bool = True) -> None:
+    def _revoke(self, seal: Seal, reason: str, kind: EventKind, *, notify: bool = True,
+                truncate_to: int | None = None) -> None:
         if seal.state != SEALED:
             return
         if self._seal_watcher is not None and seal.file is not None:
             self._seal_watcher.unwatch(seal.file.fd)
         self._seal_by_key.pop(seal.watch_key, None)
         with self.metrics.revocation_seconds.time():
-            revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify)
+            revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify,
+                                   truncate_to=truncate_to)
         self.metrics.revocations.labels(_cause(reason)).inc()
         if self._live_seal_by_path.get(seal.path) is seal:
             del self._live_seal_by_path[seal.path]

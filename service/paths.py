@@ -56,6 +56,20 @@ def resolve_beneath(
     return ResolvedPath(fd, canonical, created)
 
 
+def stat_beneath(root_fd: int, relpath: str) -> os.stat_result:
+    """lstat the regular file `relpath` beneath `root_fd` without opening it (an open would break a lease)."""
+    parts = split_relpath(relpath)
+    canonical = "/".join(parts)
+    parent_fd = _walk_dirs(root_fd, parts[:-1], canonical)
+    try:
+        st = _lstat(parent_fd, parts[-1], canonical)
+    finally:
+        if parent_fd != root_fd:
+            os.close(parent_fd)
+    _require_regular(st, canonical)
+    return st
+
+
 def unlink_beneath(root_fd: int, relpath: str, fd: int) -> None:
     """Remove `relpath` beneath `root_fd` if the name still leads to the file open as `fd`: undoes a
     create when what followed it failed. (A rename in between leaves the name alone.)"""

@@ -14,7 +14,7 @@ log = logging.getLogger("rdax.service")
 
 
 def revoke_seal(seal: Seal, reason: str, kind: EventKind, sessions: Mapping[str, Session], unix_ms: int,
-                *, notify: bool = True) -> None:
+                *, notify: bool = True, truncate_to: int | None = None) -> None:
     """Revoke every grant of `seal` and let its file go; the record stays (REVOKED) until every holder unseals it.
 
     The order is what makes it safe; the caller holds the node's lock.
@@ -22,9 +22,11 @@ def revoke_seal(seal: Seal, reason: str, kind: EventKind, sessions: Mapping[str,
     seal.accepting_grants = False                  # 1. no new grants on the seal
     grants = list(seal.grants.values())
     take_back(seal, grants, sessions)              # 2. deregister every region: from here a remote access through
-                                                   #    any of its rkeys fails (IBV_WC_REM_ACCESS_ERR), lands nothing
-    seal.close_file()                              # 3. unmap, release the lease, close: only now may the breaker
-                                                   #    touch the file, since no client can reach it any more
+                                                   #    any of its rkeys fails (IBV_WC_REM_ACCESS_ERR): no packet
+                                                   #    lands from here on (a write in flight may have landed in
+                                                   #    part, inside its range: README, "When a seal breaks")
+    seal.close_file(truncate_to)                   # 3. unmap, set a declared size, release the lease, close: only
+                                                   #    now may the breaker touch the file, no client can reach it
     seal.epoch += 1                                # 4. descriptors from before are recognisably stale
     seal.state = REVOKED
     seal.revoked_reason = reason

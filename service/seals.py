@@ -47,12 +47,18 @@ class SealedFile:
         except OSError:
             return False
 
-    def close(self) -> None:
-        """munmap, release the lease, close the descriptor — each step runs even if one before it failed."""
+    def close(self, truncate_to: int | None = None) -> None:
+        """munmap, set the size a client declared (if any), release the lease, close the descriptor — each step
+        runs even if one before it failed. The size is set before the lease goes: nobody sees the padding go."""
         with contextlib.ExitStack() as steps:  # callbacks run last-in first-out
             steps.callback(os.close, self.fd)
             steps.callback(self.lease.release)
+            if truncate_to is not None:
+                steps.callback(os.ftruncate, self.fd, truncate_to)
             steps.callback(self.mapping.close)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
 
 
 def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, map_sync: bool,
@@ -120,6 +126,7 @@ class SealInfo:
     state: str
     revoked_reason: str
     holder_count: int = 0               # every holder, of every identity
+    file_size: int = 0                  # st_size when answered
 
 
 @dataclass(eq=False)
@@ -140,6 +147,7 @@ class Seal:
     state: str = SEALED
     accepting_grants: bool = True
     revoked_reason: str = ""
+    declared_size: int | None = None   # the size a holder declared (Commit/Unseal): set when the file is let go
     watch_key: bytes = b""   # the file's handle as fanotify reports it (fanotify.py)
     holders: dict[str, None] = field(default_factory=dict)   # session ids, in the order they sealed
     grants: dict[str, Grant] = field(default_factory=dict)
@@ -156,11 +164,25 @@ class Seal:
         return (f"seal {self.id} of {self.path!r} was revoked at epoch {self.epoch} ({self.revoked_reason}): "
                 f"seal the path again for a new seal")
 
-    def close_file(self) -> None:
+    def close_file(self, truncate_to: int | None = None) -> None:
         with self.io_lock:
             if self.file is not None:
                 sealed_file, self.file = self.file, None
-                sealed_file.close()
+                sealed_file.close(truncate_to)
+
+    def declare_size(self, size: int) -> None:
+        """Remember the size a holder says the file has (pNFS LAYOUTCOMMIT's new size); checked here, set at let-go."""
+        if size > self.length:
+            raise OutOfRange(f"size {size} is past the seal's length {self.length}: declare at most {self.length}, "
+                             f"or seal a longer file")
+        if self.file is None:
+            raise FailedPrecondition(self.revoked_message())
+        current = self.file.size()
+        if current > self.length:
+            raise FailedPrecondition(
+                f"{self.path!r} is {current} bytes long, past the seal's {self.length}: setting its size would cut "
+                f"bytes no seal covers; seal the whole file ({-(-current // 4096) * 4096} bytes) to set its size")
+        self.declared_size = size
 
     def info(self, session_id: str) -> SealInfo:
         """The seal as `session_id` may see it: its own grants and session, other holders only as a count."""
@@ -169,4 +191,4 @@ class Seal:
         return SealInfo(self.id, self.path, self.length, self.epoch, self.extent_count, self.fingerprint,
                         tuple(g.id for g in self.grants.values() if g.session_id == session_id),
                         session_id if holders[:1] == mine and mine else "", mine, self.state,
-                        self.revoked_reason, len(holders))
+                        self.revoked_reason, len(holders), self.file.size() if self.file is not None else 0)

@@ -146,17 +146,21 @@ class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
     def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext,
                caller: PeerIdentity) -> pb.CommitResponse:
         ranges = [(r.offset, r.length) for r in request.ranges]
+        size = request.size if request.HasField("size") else None
         return pb.CommitResponse(bytes=self._node.commit(request.session_id, request.seal_id, ranges,
-                                                         identity=caller.name))
+                                                         identity=caller.name, size=size))
 
     @_unary
     def Unseal(self, request: pb.UnsealRequest, context: grpc.ServicerContext,
                caller: PeerIdentity) -> pb.UnsealResponse:
-        return pb.UnsealResponse(epoch=self._node.unseal(request.session_id, request.seal_id, identity=caller.name))
+        size = request.size if request.HasField("size") else None
+        return pb.UnsealResponse(epoch=self._node.unseal(request.session_id, request.seal_id, identity=caller.name,
+                                                         size=size))
 
     @_unary
     def Stat(self, request: pb.StatRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.SealInfo:
-        return seal_info_to_pb(self._node.stat(request.session_id, request.seal_id, identity=caller.name))
+        return seal_info_to_pb(self._node.stat(request.session_id, request.seal_id, identity=caller.name,
+                                               path=request.path))
 
     @_unary
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.ListResponse:
@@ -199,7 +203,8 @@ def seal_info_to_pb(info: SealInfo) -> pb.SealInfo:
         seal_id=info.seal_id, path=info.path, length=info.length, epoch=info.epoch,
         extents=pb.ExtentSummary(count=info.extent_count, fingerprint=info.fingerprint),
         grant_ids=info.grant_ids, owner_session=info.owner_session, state=info.state,
-        holder_sessions=info.holder_sessions, revoked_reason=info.revoked_reason, holder_count=info.holder_count)
+        holder_sessions=info.holder_sessions, revoked_reason=info.revoked_reason, holder_count=info.holder_count,
+        file_size=info.file_size)
 
 
 def grant_to_pb(grant: GrantDescriptor) -> pb.GrantDescriptor:

@@ -139,3 +139,39 @@ def test_write_with_flush_is_durable_in_one_call(server, clients):
     assert data[:4096] == bytes(4096)
     assert data[4 * MiB - 4096:4 * MiB - 3996] == pattern(42, 100)
     assert data[3 * MiB + 8192:4 * MiB - 4096] + data[4 * MiB - 3996:] == bytes(MiB - 8192 - 100)
+
+
+def rdax_cli(lab, server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, "-m", "rdax.client.cli",
+                           "--target", server.target, *args], capture_output=True, timeout=600,
+                          env=client_env(server.pki))
+
+
+@pytest.mark.parametrize("size", [1000, 4096, 3 * MiB + 17])
+def test_put_keeps_size_of_its_source(lab, server, tmp_path, size):
+    src = tmp_path / "source"
+    src.write_bytes(os.urandom(size))
+    run = rdax_cli(lab, server, "put", "-q", str(src), f"sized-{size}")
+    assert run.returncode == 0, run.stderr
+    stored = server.root / f"sized-{size}"
+    assert stored.stat().st_size == size, "the file kept the seal's whole pages"
+    assert stored.read_bytes() == src.read_bytes()
+
+
+def test_get_reads_a_file_back_and_cat_needs_no_length(lab, server, tmp_path):
+    data = os.urandom(2 * MiB + 123)
+    (server.root / "to-get").write_bytes(data)
+    local = tmp_path / "got"
+    run = rdax_cli(lab, server, "get", "-q", "to-get", str(local))
+    assert run.returncode == 0, run.stderr
+    assert local.read_bytes() == data
+    assert hashlib.sha256(data).hexdigest() in run.stdout.decode()
+    assert (server.root / "to-get").stat().st_size == len(data), "reading it changed its size"
+    cat = rdax_cli(lab, server, "cat", "to-get")
+    assert cat.returncode == 0, cat.stderr
+    assert cat.stdout == data
+
+
+def test_get_missing_file_bad_flow(lab, server, tmp_path):
+    run = rdax_cli(lab, server, "get", "-q", "nothing-here", str(tmp_path / "x"))
+    assert run.returncode == 1 and b"NOT_FOUND" in run.stderr, run.stderr

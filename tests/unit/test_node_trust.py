@@ -233,3 +233,41 @@ def test_gid_in_any_ipv6_form_and_mtu_range(make_node, fabric: FakeFabric) -> No
         node.open_session("c", dataclasses.replace(CLIENT_ENDPOINT, gid="10.77.0.2:x"))
     with pytest.raises(InvalidArgument, match="256, 512, 1024, 2048 or 4096"):
         node.open_session("c", dataclasses.replace(CLIENT_ENDPOINT, mtu=5000))
+
+
+# -- files keep their size (issue 12) ---------------------------------------------
+def test_declared_size_applies_when_the_last_holder_lets_go(trusted: Node, export_root) -> None:
+    a, b = opened(trusted, ALICE), opened(trusted, BOB)
+    seal = trusted.seal(a, "shared/f", MIB, create=True, identity=ALICE).seal_id
+    trusted.seal(b, "shared/f", MIB, identity=BOB)
+    trusted.commit(a, seal, [(0, 1000)], identity=ALICE, size=1000)
+    trusted.unseal(a, seal, identity=ALICE)
+    assert (export_root / "shared" / "f").stat().st_size == MIB   # bob still holds it: padded length stays
+    trusted.unseal(b, seal, identity=BOB, size=1234)
+    assert (export_root / "shared" / "f").stat().st_size == 1234
+
+
+def test_declared_size_past_the_seal_or_cutting_unsealed_bytes_bad_flow(trusted: Node, export_root) -> None:
+    a = opened(trusted, ALICE)
+    (export_root / "alice" / "long").write_bytes(b"x" * (3 * PAGE))
+    seal = trusted.seal(a, "alice/long", PAGE, identity=ALICE).seal_id
+    with pytest.raises(OutOfRange, match="past the seal's length"):
+        trusted.unseal(a, seal, identity=ALICE, size=2 * PAGE)
+    from rdax.service.errors import FailedPrecondition
+    with pytest.raises(FailedPrecondition, match="no seal covers"):
+        trusted.unseal(a, seal, identity=ALICE, size=10)
+    trusted.unseal(a, seal, identity=ALICE)
+    assert (export_root / "alice" / "long").read_bytes() == b"x" * (3 * PAGE)
+
+
+def test_stat_by_path_without_sealing(trusted: Node, export_root) -> None:
+    a = opened(trusted, ALICE)
+    (export_root / "alice" / "plain").write_bytes(b"y" * 1000)
+    info = trusted.stat(a, "", identity=ALICE, path="alice/plain")
+    assert info.state == "UNSEALED" and info.file_size == 1000 and info.seal_id == ""
+    seal = trusted.seal(a, "alice/plain", PAGE, identity=ALICE).seal_id
+    info = trusted.stat(a, "", identity=ALICE, path="alice/plain")
+    assert info.seal_id == seal and info.file_size == PAGE
+    b = opened(trusted, BOB)
+    with pytest.raises(NotFound, match="may seal"):
+        trusted.stat(b, "", identity=BOB, path="alice/plain")
