@@ -14,10 +14,19 @@ run_id=$(date +%Y%m%d-%H%M%S)-$$
 run_dir="$REPO_DIR/.lab/runs/$run_id"
 mkdir -p "$run_dir"
 printf '%s\n' "$*" > "$run_dir/cmd.sh"
-# The NVDIMM's backing file: sparse, fresh for every run.
-pmem=$(mktemp "${TMPDIR:-/tmp}/rdax-pmem-XXXXXX")
-trap 'rm -f "$pmem"' EXIT
-truncate -s "${RDAX_PMEM_SIZE:-2G}" "$pmem"
+# The NVDIMM's backing file: sparse, fresh for every run; or RDAX_PMEM_FILE, kept between runs (a second boot
+# on the same NVDIMM: the guest then mounts the XFS already on it, with log recovery, instead of making one).
+pmem_size=${RDAX_PMEM_SIZE:-2G}
+if [[ -n ${RDAX_PMEM_FILE:-} ]]; then
+    pmem=$RDAX_PMEM_FILE pmem_mode=keep
+    [[ -e $pmem ]] || truncate -s "$pmem_size" "$pmem"
+    [[ $(stat -c %s "$pmem") -eq $(numfmt --from=iec "$pmem_size") ]] \
+        || die "RDAX_PMEM_FILE $pmem holds $(stat -c %s "$pmem") bytes, not RDAX_PMEM_SIZE=$pmem_size"
+else
+    pmem=$(mktemp "${TMPDIR:-/tmp}/rdax-pmem-XXXXXX") pmem_mode=fresh
+    trap 'rm -f "$pmem"' EXIT
+    truncate -s "$pmem_size" "$pmem"
+fi
 
 # Software emulation: the host's KVM does not boot a stock kernel (LAB-NOTES.md).
 # -nic none: the guest has no outside network; its test hosts are namespaces.
@@ -28,17 +37,19 @@ for attempt in 1 2; do
 timeout --foreground -k 10 "${RDAX_LAB_TIMEOUT:-3600}" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "${RDAX_LAB_CPUS:-2}" \
     -machine pc,nvdimm=on -m "${RDAX_LAB_MEM:-3G},slots=2,maxmem=8G" \
-    -object "memory-backend-file,id=m1,share=on,mem-path=$pmem,size=${RDAX_PMEM_SIZE:-2G}" \
+    -object "memory-backend-file,id=m1,share=on,mem-path=$pmem,size=$pmem_size" \
     -device nvdimm,id=nv1,memdev=m1 \
     -kernel "$kernel/vmlinuz" -initrd "$initramfs" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdax.run=/src/.lab/runs/$run_id" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdax.run=/src/.lab/runs/$run_id rdax.pmem=$pmem_mode" \
     -virtfs "local,path=$root,mount_tag=rootfs,security_model=none,readonly=on" \
     -virtfs "local,path=$REPO_DIR,mount_tag=src,security_model=none" \
     -nic none -nodefaults -display none -serial stdio -no-reboot \
+    ${RDAX_LAB_PIDFILE:+-pidfile "$RDAX_LAB_PIDFILE"} \
     < /dev/null || log "qemu exited with status $?"
 [[ -f $run_dir/status || -f $run_dir/started ]] && break
 log "the guest died before the command started (boot attempt $attempt)"
-truncate -s 0 "$pmem"; truncate -s "${RDAX_PMEM_SIZE:-2G}" "$pmem"
+# A fresh NVDIMM starts again empty; a kept one (RDAX_PMEM_FILE) is left as it is: it holds the data under test.
+[[ $pmem_mode == fresh ]] && { truncate -s 0 "$pmem"; truncate -s "$pmem_size" "$pmem"; }
 done
 
 [[ -f $run_dir/status ]] || die "the lab guest stopped without reporting a status (see output above)"

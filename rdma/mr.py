@@ -1,4 +1,4 @@
-"""Memory regions: registration with the pinned -> ODP fallback, access flags,
+"""Memory regions: registration with the pinned -> ODP fallback (remembered per node), access flags,
 and pinned local buffers for staging data."""
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from .errors import RegistrationError
 
 log = logging.getLogger("rdax.rdma")
 
-EOPNOTSUPP = 95
+ENOMEM, EOPNOTSUPP = 12, 95
+# A pinned registration is refused where an ODP one works: fsdax refuses long-term pins (EOPNOTSUPP), and
+# RLIMIT_MEMLOCK refuses the pin's accounting before that (ENOMEM; 8 MiB in a container without IPC_LOCK).
+PIN_REFUSED = (EOPNOTSUPP, ENOMEM)
 
 
 class Access(enum.IntFlag):
@@ -95,22 +98,48 @@ def _reg(pd: PD, addr: int, length: int, flags: int) -> MR:
                                 detail=str(exc)) from exc
 
 
+class RegistrationMemo:
+    """What one node's registrations learned: once a pinned registration was refused (EOPNOTSUPP on fsdax,
+    ENOMEM under a memlock limit) and ODP worked, later registrations go ODP straight away — one probe per
+    node, logged once, instead of a refused pin before every grant."""
+
+    def __init__(self) -> None:
+        self.odp_only = False
+        self.reason = ""
+
+
 def register(pd: PD, addr: int, length: int, access: Access, pinned: bool = True,
-             odp_fallback: bool = True, mw_bind: bool = False) -> MemoryRegion:
+             odp_fallback: bool = True, mw_bind: bool = False,
+             memo: RegistrationMemo | None = None) -> MemoryRegion:
     """Register [addr, addr+length) with `access`, pinned first, ODP as fallback.
 
     fsdax refuses long-term pins (EOPNOTSUPP), so DAX mappings end up ODP:
-    the same fallback librpma makes ("maybe FSDAX?").
+    the same fallback librpma makes ("maybe FSDAX?"). A memlock limit refuses
+    the pin first (ENOMEM), and ODP needs no locked memory, so that falls back
+    too: the node needs no CAP_IPC_LOCK. With a `memo`, the first refusal is
+    remembered and later calls skip the pinned attempt.
     """
     flags = access.ibv_flags() | (e.IBV_ACCESS_MW_BIND if mw_bind else 0)
-    if pinned:
+    refused: RegistrationError | None = None
+    if pinned and not (memo is not None and memo.odp_only):
         try:
             return MemoryRegion(_reg(pd, addr, length, flags), addr, length, access, odp=False)
         except RegistrationError as exc:
-            if exc.errno != EOPNOTSUPP or not odp_fallback:
+            if exc.errno not in PIN_REFUSED or not odp_fallback:
                 raise
-            log.info("%s; retrying with ON_DEMAND (maybe FSDAX?)", exc)
-    mr = _reg(pd, addr, length, flags | e.IBV_ACCESS_ON_DEMAND)
+            refused = exc
+            if memo is None:
+                log.info("%s; retrying with ON_DEMAND (maybe FSDAX, or a memlock limit?)", exc)
+    try:
+        mr = _reg(pd, addr, length, flags | e.IBV_ACCESS_ON_DEMAND)
+    except RegistrationError as exc:
+        if refused is not None:
+            log.warning("ODP registration failed too, after the pinned one was refused (%s): %s", refused, exc)
+        raise
+    if refused is not None and memo is not None and not memo.odp_only:
+        memo.odp_only, memo.reason = True, str(refused)
+        log.info("pinned registration refused (%s): ODP worked, so this node registers ODP regions straight "
+                 "away from now on", refused)
     return MemoryRegion(mr, addr, length, access, odp=True)
 
 

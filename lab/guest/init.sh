@@ -15,6 +15,7 @@ mkdir -p /run/netns
 echo 1 > /proc/sys/kernel/sysrq
 
 run_dir=$(sed -n 's/.*rdax.run=\([^ ]*\).*/\1/p' /proc/cmdline)
+pmem_mode=$(sed -n 's/.*rdax.pmem=\([^ ]*\).*/\1/p' /proc/cmdline)   # fresh, or keep (lab/run.sh: RDAX_PMEM_FILE)
 errors=()
 step() {  # step DESCRIPTION CMD...: run CMD, remember DESCRIPTION if it fails
     local what=$1; shift
@@ -24,11 +25,24 @@ step() {  # step DESCRIPTION CMD...: run CMD, remember DESCRIPTION if it fails
 # Persistent memory: the emulated NVDIMM as an fsdax namespace, XFS with dax=always.
 DAX_MOUNT=/mnt/pmem
 mkdir -p $DAX_MOUNT
+# A kept NVDIMM (rdax.pmem=keep) that already holds an fsdax namespace with XFS on it is mounted as it is:
+# the kernel finds the namespace's info block by itself, and the mount replays XFS's log (a second boot
+# after a power cut, tests/power). Anything else gets a new namespace and a new filesystem.
+pmem_reused=0
 if step "modprobe nfit nd_pmem" modprobe -a nfit nd_pmem libnvdimm; then
     for _ in $(seq 50); do [[ -e /sys/bus/nd/devices/namespace0.0 ]] && break; sleep 0.1; done
-    step "ndctl create-namespace fsdax" ndctl create-namespace -f -e namespace0.0 -m fsdax \
-    && step "mkfs.xfs (reflink=1: the reflink/clone/dedupe breakers need it) /dev/pmem0" mkfs.xfs -q -f -m reflink=1 /dev/pmem0 \
-    && step "mount -o dax=always /dev/pmem0" mount -o dax=always /dev/pmem0 $DAX_MOUNT
+    if [[ $pmem_mode == keep ]]; then
+        for _ in $(seq 30); do [[ -e /dev/pmem0 ]] && break; sleep 0.1; done
+        [[ $(cat /sys/bus/nd/devices/namespace0.0/mode 2>/dev/null) == fsdax \
+           && $(blkid -p -s TYPE -o value /dev/pmem0 2>/dev/null) == xfs ]] && pmem_reused=1
+    fi
+    if (( pmem_reused )); then
+        step "mount -o dax=always /dev/pmem0 (the XFS already on the kept NVDIMM)" mount -o dax=always /dev/pmem0 $DAX_MOUNT
+    else
+        step "ndctl create-namespace fsdax" ndctl create-namespace -f -e namespace0.0 -m fsdax \
+        && step "mkfs.xfs (reflink=1: the reflink/clone/dedupe breakers need it) /dev/pmem0" mkfs.xfs -q -f -m reflink=1 /dev/pmem0 \
+        && step "mount -o dax=always /dev/pmem0" mount -o dax=always /dev/pmem0 $DAX_MOUNT
+    fi
 fi
 
 # Two hosts: namespaces 'storage' and 'client', a veth pair with MTU 9000 so
@@ -50,7 +64,7 @@ fi
 
 {
     echo "RDAX_LAB=1"
-    echo "RDAX_DAX_MOUNT=$DAX_MOUNT"
+    echo "RDAX_DAX_MOUNT=$DAX_MOUNT RDAX_PMEM_REUSED=$pmem_reused"
     echo "RDAX_STORAGE_NS=storage RDAX_STORAGE_IP=$STORAGE_IP RDAX_STORAGE_DEV=rxe_storage"
     echo "RDAX_CLIENT_NS=client RDAX_CLIENT_IP=$CLIENT_IP RDAX_CLIENT_DEV=rxe_client"
     printf 'RDAX_LAB_ERRORS=%q\n' "$(IFS=';'; echo "${errors[*]}")"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import MIB, PAGE, FakeFabric, open_from_another_process
+from conftest import MIB, PAGE, FakeFabric, open_from_another_process, wait_until
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -281,6 +281,7 @@ def test_rpc_latency_by_method_and_code(stub, node: Node) -> None:
     sid = open_session(stub)
     code_of(stub.Heartbeat, pb.HeartbeatRequest(session_id="nope"))
     sample = node.metrics.registry.get_sample_value
-    assert sample("rdax_rpc_seconds_count", {"method": "OpenSession", "code": "OK"}) == 1
-    assert sample("rdax_rpc_seconds_count", {"method": "Heartbeat", "code": "NOT_FOUND"}) == 1
+    # Observed as the handler returns, which can be just after the client has its answer.
+    assert wait_until(lambda: sample("rdax_rpc_seconds_count", {"method": "OpenSession", "code": "OK"}) == 1)
+    assert wait_until(lambda: sample("rdax_rpc_seconds_count", {"method": "Heartbeat", "code": "NOT_FOUND"}) == 1)
     assert sid
