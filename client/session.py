@@ -135,6 +135,11 @@ class Session:
     def stat(self, seal_id: str) -> pb.SealInfo:
         return _call("Stat", self.stub.Stat, pb.StatRequest(session_id=self.session_id, seal_id=seal_id))
 
+    def extend(self, seal_id: str, length: int) -> pb.SealInfo:
+        """Grow a held seal to `length` bytes in place (its grants stay valid)."""
+        return _call("Extend", self.stub.Extend, pb.ExtendRequest(session_id=self.session_id, seal_id=seal_id,
+                                                                  length=length)).seal
+
     def stat_path(self, path: str) -> pb.SealInfo:
         """A file by path, sealed or not: its size (file_size) and its seal if it has one (state UNSEALED if not)."""
         return _call("Stat", self.stub.Stat, pb.StatRequest(session_id=self.session_id, path=path))
@@ -193,6 +198,7 @@ class RemoteFile:
         self.grant = grant
         self.length = grant.length
         self.size: int | None = None   # set it (bytes) to leave the file that long when it is let go
+        self._tail = b""   # append(): the bytes of the last, partial page, rewritten with the next record
 
     def _check(self, offset: int, length: int, transfer: bool = False) -> None:
         """Raise unless [offset, offset+length) can be reached through the
@@ -308,6 +314,32 @@ class RemoteFile:
     def atomic_write(self, offset: int, value: bytes) -> None:
         self._check(offset, 8)
         self.session.conn.atomic_write(self.grant.rkey, self._remote(offset), value)
+
+    def extend(self, new_length: int) -> None:
+        """Grow the seal to `new_length` and take one grant over all of it (the old one is released after)."""
+        self.info = self.session.extend(self.info.seal_id, new_length)
+        grant = self.session.grant(self.info.seal_id, 0, new_length, Access(self.grant.access))
+        old, self.grant, self.length = self.grant, grant, new_length
+        self.session.release(old.grant_id)
+
+    def append(self, data: bytes | bytearray | memoryview, flush: bool = True) -> int:
+        """Write `data` at the end of the file (`size`, 0 at first), growing the seal as needed; returns the
+        offset it was written at. Records need no alignment: the partial last page is rewritten with the next
+        record, since writes must start on the node's write_alignment."""
+        end = self.size or 0
+        need = end + len(data)
+        if need > self.length:
+            self.extend(max(-(-need // PAGE) * PAGE, 2 * self.length))
+        align = self.grant.write_alignment
+        start = end - end % align
+        if len(self._tail) != end - start:   # a file we did not write the end of: read its partial page back
+            self._tail = self.read(start, end - start) if end > start else b""
+        payload = self._tail + bytes(data)
+        self.write(start, payload, flush=flush)
+        self.size = need
+        keep = need % align
+        self._tail = payload[len(payload) - keep:] if keep else b""
+        return end
 
     def commit(self, ranges: list[tuple[int, int]] | None = None) -> int:
         """Ask the node to persist ranges (for clients that cannot FLUSH)."""

@@ -13,6 +13,8 @@ import os
 
 MAP_SHARED_VALIDATE = 0x03
 MAP_SYNC = 0x80000
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
+PROT_NONE = 0
 MS_SYNC = 4   # <sys/mman.h>; Python's mmap module does not export it
 MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -28,18 +30,46 @@ class MappingError(OSError):
 
 
 class DaxMapping:
-    """[0, length) of a file descriptor mapped shared and synchronous."""
+    """[0, length) of a file descriptor mapped shared and synchronous, at the start of a window of `reserve`
+    bytes of address space, so that the mapping can grow in place (grow()): memory regions registered over it
+    stay valid, and one region can span what was mapped before and after."""
 
-    def __init__(self, fd: int, length: int, sync: bool = True) -> None:
-        flags = MAP_SHARED_VALIDATE | (MAP_SYNC if sync else 0)
-        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    def __init__(self, fd: int, length: int, sync: bool = True, reserve: int | None = None) -> None:
+        self.fd = fd
+        self.sync_flag = MAP_SYNC if sync else 0
+        self.reserve = max(length, reserve or length)
+        # Address space only: no memory, no page tables until something is mapped over it.
+        window = _libc.mmap(None, self.reserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if window in (None, MAP_FAILED):
+            err = ctypes.get_errno()
+            raise MappingError(err, f"mmap(len={self.reserve}, PROT_NONE): reserving address space: "
+                                    f"{os.strerror(err)}")
+        self.addr: int = window
+        self.length = 0
+        try:
+            self._map(0, length)
+        except MappingError:
+            _libc.munmap(window, self.reserve)
+            self.addr = 0
+            raise
+        self.length = length
+
+    def _map(self, offset: int, length: int) -> None:
+        flags = MAP_SHARED_VALIDATE | self.sync_flag | MAP_FIXED
+        addr = _libc.mmap(self.addr + offset, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, self.fd, offset)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
             hint = " (MAP_SYNC needs a DAX filesystem: mount -o dax=always)" if err in (95, 22) else ""
-            raise MappingError(err, f"mmap(fd={fd}, len={length}, MAP_SHARED_VALIDATE{'|MAP_SYNC' if sync else ''}): "
-                                    f"{os.strerror(err)}{hint}")
-        self.addr: int = addr
-        self.length = length
+            raise MappingError(err, f"mmap(fd={self.fd}, offset={offset}, len={length}, MAP_SHARED_VALIDATE"
+                                    f"{'|MAP_SYNC' if self.sync_flag else ''}): {os.strerror(err)}{hint}")
+
+    def grow(self, new_length: int) -> None:
+        """Map [length, new_length) of the file right after what is mapped; new_length <= reserve."""
+        if new_length > self.reserve:
+            raise ValueError(f"the mapping can grow to {self.reserve} bytes, not {new_length}")
+        if new_length > self.length:
+            self._map(self.length, new_length - self.length)
+            self.length = new_length
 
     @property
     def closed(self) -> bool:
@@ -69,7 +99,7 @@ class DaxMapping:
 
     def close(self) -> None:
         if self.addr:
-            _libc.munmap(self.addr, self.length)
+            _libc.munmap(self.addr, self.reserve)
             self.addr = 0
 
     def __enter__(self) -> "DaxMapping":

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 from . import revocation
 from .fanotify import SealWatcher, describe
 from .fiemap import check_stable, summary
-from .prepare import block_map, check_length
+from .prepare import Preparation, block_map, check_length
 from .audit import Audit, NullAudit, quote
 from .errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, RdaxError,
                      ResourceExhausted, Unavailable)
@@ -73,6 +73,7 @@ class Node:
                  map_sync: bool = True, watch_seals: bool = True, audit_seconds: float = 5.0,
                  write_alignment: int = 1, policy: Policy | None = None, audit: Audit | None = None,
                  limits: Limits = Limits(), metrics: NodeMetrics | None = None,
+                 extend_reserve: int = 16 << 30,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if lease_seconds <= 0:
@@ -90,6 +91,8 @@ class Node:
         self.policy = policy if policy is not None else Policy.parse("", "<no policy>")
         self.audit_log = audit if audit is not None else NullAudit()
         self.metrics = metrics if metrics is not None else NodeMetrics()
+        # Address space set aside behind each seal's mapping so that Extend can grow it in place.
+        self.extend_reserve = extend_reserve
         self.limits = limits
         self._root_fd = os.open(export_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._lock = threading.RLock()
@@ -262,7 +265,7 @@ class Node:
         # Seal of the same path from opening it meanwhile.
         try:
             sealed_file = open_sealed_file(self._root_fd, relpath, length, create=may_create,
-                                           map_sync=self._map_sync)
+                                           map_sync=self._map_sync, reserve=max(length, self.extend_reserve))
         except NotFound as exc:
             if create and not may_create:
                 raise PermissionDenied(
@@ -295,6 +298,77 @@ class Node:
                                  length=length, joined=False)
             self.metrics.seals.labels("new").inc()
             return seal.info(session.id)
+
+    def extend(self, session_id: str, seal_id: str, new_length: int, *, identity: str = ANONYMOUS) -> SealInfo:
+        """Grow a held seal in place to `new_length`: the new blocks are prepared (allocated, written, verified)
+        and mapped right after the old ones; every grant stays valid; holders get an EXTENDED event."""
+        check_length(new_length)
+        with self._lock:
+            session = self._session(session_id, identity)
+            seal = self._held_seal(session, seal_id)
+            if seal.state != SEALED:
+                raise FailedPrecondition(seal.revoked_message())
+            if new_length <= seal.length:
+                if new_length == seal.length:
+                    return seal.info(session.id)
+                raise InvalidArgument(f"length {new_length} is less than the seal's {seal.length}: seals grow, they "
+                                      f"do not shrink (declare a smaller file size with Unseal's size instead)")
+            mapping = seal.mapping
+            if new_length > mapping.reserve:
+                raise OutOfRange(f"seal {seal.id} can grow in place to {mapping.reserve} bytes, not {new_length}: "
+                                 f"unseal it and seal {new_length} bytes anew")
+            rule = self.policy.check_seal(identity, seal.path, create=False)
+            delta = new_length - seal.length
+            self._reserve_sealed_bytes(identity, rule, delta)
+        try:
+            return self._extend(session, seal, new_length)
+        finally:
+            with self._lock:
+                self._usage[identity].sealed_bytes -= delta
+
+    def _extend(self, session: Session, seal: Seal, new_length: int) -> SealInfo:
+        # One Extend of a seal at a time (extend_lock). The slow part (zero-filling, fsync, FIEMAP) runs outside
+        # the node's lock under the seal's io_lock, and never takes the node's lock while holding io_lock: a
+        # revocation holds the node's lock while it waits for io_lock to unmap. It stops new grants first, which
+        # the preparation sees within a MiB: it undoes its work and lets go.
+        with seal.extend_lock:
+            with self._lock:
+                if seal.state != SEALED or seal.file is None:
+                    raise FailedPrecondition(seal.revoked_message())
+                if seal.length >= new_length:   # another holder extended it meanwhile
+                    return seal.info(session.id)
+                old_length, sealed_file, fingerprint = seal.length, seal.file, seal.fingerprint
+            with seal.io_lock:
+                if seal.file is not sealed_file or not seal.accepting_grants:   # revoked before we got here
+                    raise FailedPrecondition(seal.revoked_message())
+                preparation = Preparation(sealed_file.fd, new_length)
+                try:
+                    prepared = preparation.run(
+                        lease_intact=lambda: sealed_file.lease_intact() and seal.accepting_grants)
+                    if summary(block_map(sealed_file.fd, old_length))[1] != fingerprint:
+                        raise FailedPrecondition(f"the sealed blocks of {seal.path!r} moved while it was extended: "
+                                                 f"the seal will be revoked; seal it again")
+                    sealed_file.mapping.grow(new_length)
+                except BaseException:
+                    preparation.undo()
+                    raise
+            with self._lock:
+                if seal.state != SEALED:
+                    raise FailedPrecondition(seal.revoked_message())
+                seal.length = new_length
+                seal.fingerprint, seal.extent_count = prepared.fingerprint, prepared.extent_count
+                for holder in seal.holders:
+                    other = self._sessions.get(holder)
+                    if other is not None:
+                        self._usage[other.identity].sealed_bytes += new_length - old_length
+                        other.events.publish(Event(EventKind.EXTENDED, seal.id, (), f"extended to {new_length} "
+                                                   f"bytes by session {session.handle}", seal.epoch, self._unix_ms(),
+                                                   new_length))
+                log.info("extended %s of %r from %d to %d bytes for session %s", seal.id, seal.path, old_length,
+                         new_length, session.handle)
+                self.audit_log.event("extend", identity=session.identity, session=session.handle, seal=seal.id,
+                                     path=seal.path, length=new_length)
+                return seal.info(session.id)
 
     def _path_lock(self, relpath: str) -> threading.Lock:
         lock, users = self._sealing_paths.get(relpath, (threading.Lock(), 0))

@@ -62,7 +62,7 @@ class SealedFile:
 
 
 def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, map_sync: bool,
-                     read_extents: ReadExtents = read_extents) -> SealedFile:
+                     read_extents: ReadExtents = read_extents, reserve: int | None = None) -> SealedFile:
     """Open `relpath` beneath the root, lease it, make [0, length) stable and map it.
 
     On failure nothing is left behind: a file this call created is removed, an
@@ -83,7 +83,7 @@ def open_sealed_file(root_fd: int, relpath: str, length: int, *, create: bool, m
         # Put back before the lease is released, so that an opener waiting for it finds the file as it was.
         undo.callback(preparation.undo)
         prepared = preparation.run(lease_intact=lambda: _lease_intact(fd))
-        mapping = _map(fd, length, relpath, map_sync)
+        mapping = _map(fd, length, relpath, map_sync, reserve)
         undo.callback(mapping.close)   # unmapped before the file is put back
         if not _lease_intact(fd):
             raise FailedPrecondition(LEASE_BROKEN)
@@ -99,9 +99,9 @@ def _lease_intact(fd: int) -> bool:
         return False
 
 
-def _map(fd: int, length: int, relpath: str, map_sync: bool) -> DaxMapping:
+def _map(fd: int, length: int, relpath: str, map_sync: bool, reserve: int | None = None) -> DaxMapping:
     try:
-        return DaxMapping(fd, length, sync=map_sync)
+        return DaxMapping(fd, length, sync=map_sync, reserve=reserve)
     except MappingError as exc:
         if exc.errno in (95, 22) and map_sync:  # EOPNOTSUPP, EINVAL: MAP_SYNC refused
             raise FailedPrecondition(
@@ -151,8 +151,11 @@ class Seal:
     watch_key: bytes = b""   # the file's handle as fanotify reports it (fanotify.py)
     holders: dict[str, None] = field(default_factory=dict)   # session ids, in the order they sealed
     grants: dict[str, Grant] = field(default_factory=dict)
-    # Held while the mapping is used outside the node's lock (Commit's msync): unmapping waits for it.
+    # Held while the file or its mapping is used outside the node's lock (Commit's msync, Extend's preparation):
+    # unmapping and closing wait for it. Extend checks accepting_grants as it goes, so that a revocation
+    # waits for at most a MiB of its zero-filling.
     io_lock: threading.Lock = field(default_factory=threading.Lock)
+    extend_lock: threading.Lock = field(default_factory=threading.Lock)   # one Extend at a time
 
     @property
     def mapping(self) -> DaxMapping:

@@ -131,6 +131,12 @@ class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
         return pb.SealResponse(seal=seal_info_to_pb(info))
 
     @_unary
+    def Extend(self, request: pb.ExtendRequest, context: grpc.ServicerContext,
+               caller: PeerIdentity) -> pb.ExtendResponse:
+        info = self._node.extend(request.session_id, request.seal_id, request.length, identity=caller.name)
+        return pb.ExtendResponse(seal=seal_info_to_pb(info))
+
+    @_unary
     def Grant(self, request: pb.GrantRequest, context: grpc.ServicerContext, caller: PeerIdentity) -> pb.GrantResponse:
         grant = self._node.grant(request.session_id, request.seal_id, request.offset, request.length, request.access,
                                  identity=caller.name)
@@ -216,4 +222,4 @@ def grant_to_pb(grant: GrantDescriptor) -> pb.GrantDescriptor:
 
 def event_to_pb(event: Event) -> pb.Event:
     return pb.Event(kind=int(event.kind), seal_id=event.seal_id, grant_ids=event.grant_ids, reason=event.reason,
-                    epoch=event.epoch, unix_ms=event.unix_ms)
+                    epoch=event.epoch, unix_ms=event.unix_ms, length=event.length)

@@ -65,6 +65,7 @@ class EventKind(enum.IntEnum):
     SESSION_EXPIRED = 2
     SHUTDOWN = 3
     SESSION_ENDED = 4   # the node ended the session: its QP failed, its certificate expired, policy
+    EXTENDED = 5        # the seal grew: Event.length is its new length
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Event:
     reason: str
     epoch: int
     unix_ms: int
+    length: int = 0   # EXTENDED: the new length
 
 
 class EventStream:

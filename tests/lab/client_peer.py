@@ -125,6 +125,25 @@ class ClientPeer:
     def write(self, name: str, offset: int, length: int, seed: int, flush: bool = False) -> dict:
         return {"bytes": self.files[name].write(offset, pattern(seed, length), flush=flush)}
 
+    def append(self, name: str, length: int, seed: int) -> dict:
+        f = self.files[name]
+        return {"offset": f.append(pattern(seed, length)), "size": f.size, "length": f.length}
+
+    def reopen(self, name: str, path: str, size: int) -> dict:
+        """Seal `path` again after a revocation and go on appending at `size`."""
+        on_disk = self.session.stat_path(path).file_size   # the whole file: its size is set when it is let go
+        info = self.session.seal(path, max(4096, -(-max(size, on_disk) // 4096) * 4096), create=False)
+        grant = self.session.grant(info.seal_id, 0, info.length, Access(15))
+        f = RemoteFile(self.session, info, grant)
+        f.size = size
+        self.files[name] = f
+        return {"seal_id": info.seal_id, "length": info.length}
+
+    def close_file_sized(self, name: str) -> dict:
+        f = self.files.pop(name)
+        f.close()
+        return {"size": f.size}
+
     def flush(self, name: str, offset: int, length: int) -> dict:
         self.files[name].flush(offset, length)
         return {}

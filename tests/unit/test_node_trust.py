@@ -271,3 +271,38 @@ def test_stat_by_path_without_sealing(trusted: Node, export_root) -> None:
     b = opened(trusted, BOB)
     with pytest.raises(NotFound, match="may seal"):
         trusted.stat(b, "", identity=BOB, path="alice/plain")
+
+
+# -- seals that grow (issue 12) ---------------------------------------------------
+def test_extend_keeps_grants_and_maps_the_new_range(trusted: Node, export_root, fabric: FakeFabric) -> None:
+    a, b = opened(trusted, ALICE), opened(trusted, BOB)
+    seal = trusted.seal(a, "shared/log", 64 * 1024, create=True, identity=ALICE)
+    trusted.seal(b, "shared/log", 64 * 1024, identity=BOB)
+    old = trusted.grant(a, seal.seal_id, 0, 64 * 1024, 1, identity=ALICE)
+    events = trusted.watch(b, poll_seconds=0.01, identity=BOB)
+    grown = trusted.extend(a, seal.seal_id, MIB, identity=ALICE)
+    assert grown.length == MIB and grown.epoch == seal.epoch
+    assert (export_root / "shared" / "log").stat().st_size == MIB
+    event = next(events)
+    assert event.kind == EventKind.EXTENDED and event.length == MIB
+    # The old grant is still live; a grant may span old and new, at the same addresses as before.
+    assert [r for r in fabric.live_regions if r.rkey == old.rkey]
+    spanning = trusted.grant(a, seal.seal_id, 0, MIB, 1, identity=ALICE)
+    assert spanning.remote_addr == old.remote_addr
+    mapping = trusted._seals[seal.seal_id].mapping
+    mapping.write(MIB - 4, b"tail")                     # the new range is mapped and writable
+    assert mapping.read(MIB - 4, 4) == b"tail"
+
+
+def test_extend_refusals_bad_flow(trusted: Node) -> None:
+    a = opened(trusted, ALICE)
+    seal = trusted.seal(a, "alice/f", 64 * 1024, create=True, identity=ALICE).seal_id
+    with pytest.raises(InvalidArgument, match="do not shrink"):
+        trusted.extend(a, seal, PAGE, identity=ALICE)
+    with pytest.raises(InvalidArgument, match="multiple of 4096"):
+        trusted.extend(a, seal, 100_000, identity=ALICE)
+    with pytest.raises(ResourceExhausted, match="max_sealed_bytes"):
+        trusted.extend(a, seal, 4 * MIB, identity=ALICE)
+    b = opened(trusted, BOB)
+    with pytest.raises((NotFound, PermissionDenied)):
+        trusted.extend(b, seal, MIB, identity=BOB)
