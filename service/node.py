@@ -699,7 +699,8 @@ class Node:
             ended = self._ended.get(session_id)
             if session is None and ended is not None and ended[0] == identity:
                 raise NotFound(f"this session is over ({ended[1]}): open a new session")
-            raise NotFound(f"session {quote(session_id, 64)!r} is unknown to this node for identity "
+            # Never the whole id back: refusals go to the audit trail, which must not hold session tokens.
+            raise NotFound(f"session {session_id[:4]!r}… is unknown to this node for identity "
                            f"{quote(identity, 200)!r}: open a session first (sessions belong to the identity "
                            f"that opened them)")
         session.expires_at = self._clock() + self.lease_seconds

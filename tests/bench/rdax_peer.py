@@ -71,6 +71,7 @@ class Bench:
         self.lat: tuple[Session, RemoteFile] | None = None
         self.extra_sessions: list[Session] = []
         self.mem: tuple[Session, str, int, list[str]] | None = None
+        self.vs: tuple[Session, RemoteFile] | None = None
 
     def _connect(self, **kwargs) -> Session:
         s = connect(self.target, **kwargs)
@@ -185,6 +186,78 @@ class Bench:
             op()
             samples.append(clock() - t0)
         return {"size": size, "mode": mode, **summary_us(samples)}
+
+    # -- the anchors' workloads (tests/bench/versus.py): durable writes, the same for every system ----------
+    def versus_open(self, region: int, depth: int = 64) -> dict:
+        """A session of `depth` and one grant over a fresh sealed file of `region` bytes, faulted in once
+        (one pass of 1 MiB writes and a FLUSH, untimed), like librpma's and NFS's first pass."""
+        s = self._connect(depth=depth)
+        f = s.open("bench-versus", region)
+        self.vs = (s, f)
+        t0 = time.perf_counter()
+        first = self.versus_run(MiB, depth, region // MiB)
+        return {"depth": depth, "signal_every": s.conn.signal_every, "region": region,
+                "first_pass_s": round(time.perf_counter() - t0, 3), "first_pass_mib_s": first["bw_mib_s"]}
+
+    def versus_run(self, size: int, depth: int, count: int) -> dict:
+        """`count` writes of `size`, sequential from offset 0 of the grant (wrapping). depth 1: each one
+        Connection.write_flush (RDMA WRITE + FLUSH(persistent) of its range, one wait), timed one by one.
+        depth > 1: one Connection.write_flush over all of them (up to the connection's depth in flight, one
+        FLUSH of the range written at the end, one wait)."""
+        s, f = self.vs
+        conn, rkey, raddr, region = s.conn, f.grant.rkey, f.grant.remote_addr, f.length
+        laddr, lkey, stage = s.staging.addr, s.staging.lkey, s.staging.length
+        slots = region // size
+        if depth == 1:
+            clock = time.perf_counter_ns
+            samples = []
+            t0 = time.perf_counter()
+            for i in range(count):
+                off = raddr + (i % slots) * size
+                chunk = [Chunk(laddr + (i * size) % stage, lkey, size, rkey, off)]
+                s0 = clock()
+                conn.write_flush(chunk, rkey, off, size)
+                samples.append(clock() - s0)
+            elapsed = time.perf_counter() - t0
+        else:
+            if depth != conn.depth:
+                raise ValueError(f"the versus session has depth {conn.depth}, not {depth}")
+            chunks = [Chunk(laddr + (i * size) % stage, lkey, size, rkey, raddr + (i % slots) * size)
+                      for i in range(count)]
+            t0 = time.perf_counter()
+            conn.write_flush(chunks, rkey, raddr, min(count * size, region), timeout=300)
+            elapsed = time.perf_counter() - t0
+        row = {"size": size, "depth": depth, "messages": count, "bytes": count * size,
+               "seconds": round(elapsed, 6), "bw_mib_s": round(count * size / MiB / elapsed, 3)}
+        if depth == 1:
+            row.update(summary_us(samples))
+        return row
+
+    def versus_block(self, workloads: list) -> dict:
+        return {"rows": {name: self.versus_run(size, depth, count) for name, size, depth, count in workloads}}
+
+    def put(self, size: int, name: str) -> dict:
+        """What `rdax put` does, from a source that costs nothing to read: a new session, Seal + Grant of a new
+        file, RemoteFile.write_from (1 MiB work requests from the staging buffer), FLUSH, close."""
+        class Zeros:
+            def __init__(self, n: int) -> None:
+                self.left = n
+
+            def readinto(self, view) -> int:
+                n = min(len(view), self.left)
+                self.left -= n
+                return n
+
+        t0 = time.perf_counter()
+        s = connect(self.target)
+        try:
+            with s.open(name, size, create=True) as remote:
+                written = remote.write_from(Zeros(size), 0, size)
+                remote.flush(0, size)
+        finally:
+            s.close()
+        elapsed = time.perf_counter() - t0
+        return {"bytes": written, "seconds": round(elapsed, 3), "mib_s": round(written / MiB / elapsed, 2)}
 
     # -- registration cost --------------------------------------------------------------
     def grant_cost(self, sizes: list[int], reps: int, seconds: float) -> dict:

@@ -113,6 +113,7 @@ def attach_ratios(doc: dict) -> None:
         "write_flush_lat_4k_p50_vs_round_trip": "rdax write+flush p50 / (2 x ib_write_lat t_typical): against a "
                                                 "full perftest round trip, which is what a completion costs",
     }
+    attach_versus(doc)
     doc["twins"] = {
         "rdax.write_bw, rdax.api_write_bw": "perftest.write_bw at the same message size (vs_perftest)",
         "rdax.first_touch": "perftest.write_bw at 1 MiB",
@@ -121,6 +122,77 @@ def attach_ratios(doc: dict) -> None:
         "rdax.grant_cost, rdax.server_memory, rdax.control_plane":
             "none: perftest registers one pinned buffer once, before it starts timing, and has no control plane",
     }
+
+
+# -- the anchors: librpma and NFS v4.2 over RDMA (tests/bench/versus.py) ----------------
+VERSUS_HEADLINE = ("rdax_vs_librpma_lat_4k_p50", "rdax_vs_librpma_bw_1m", "rdax_vs_librpma_bw_4k",
+                   "rdax_vs_nfs_lat_4k_p50")
+VERSUS_DEFINITIONS = {
+    "rdax_vs_librpma_lat_4k_p50": "rdax / librpma, p50 of a durable 4 KiB write one at a time (WRITE + FLUSH"
+                                  "(persistent), one wait); below 1: rdax is faster",
+    "rdax_vs_librpma_bw_1m": "rdax / librpma, MiB/s of 1 MiB durable sequential writes, pipelined (queue depth 64, "
+                             "one FLUSH at the end)",
+    "rdax_vs_librpma_bw_4k": "rdax / librpma, MiB/s of 4 KiB durable sequential writes, pipelined (queue depth 64, "
+                             "one FLUSH at the end)",
+    "rdax_vs_nfs_lat_4k_p50": "rdax / NFS v4.2 over RDMA, p50 of a durable 4 KiB write one at a time (NFS: fio "
+                              "O_DIRECT|O_DSYNC pwrite); below 1: rdax is faster",
+    "rdax_node_cpu_s_per_gib": "not a ratio: rdax-server CPU seconds (utime+stime) per GiB during a put (goal <= 0.01)",
+    "nfs_server_cpu_s_per_gib": "not a ratio: knfsd threads' CPU seconds per GiB for the same bytes through NFS",
+}
+
+
+def attach_versus(doc: dict) -> None:
+    """The anchors' headline ratios (each the median of the per-block ratios; versus.ratios has min, max and
+    the number of blocks) and the CPU per GiB into doc['ratios']."""
+    vs = doc.get("versus")
+    if not vs:
+        return
+    r = doc.setdefault("ratios", {})
+    for key, spread in vs.get("ratios", {}).items():
+        if key in VERSUS_HEADLINE:
+            r[key] = spread.get("median")
+    cpu = vs.get("cpu_put") or {}
+    r["rdax_node_cpu_s_per_gib"] = (cpu.get("rdax") or {}).get("node_cpu_s_per_gib")
+    r["nfs_server_cpu_s_per_gib"] = (cpu.get("nfs") or {}).get("server_cpu_s_per_gib")
+    r["versus_blocks"] = vs.get("blocks")
+    doc.setdefault("ratio_definitions", {}).update(VERSUS_DEFINITIONS)
+    doc["ratio_definitions"]["versus_blocks"] = ("how many interleaved blocks (every system, every workload, "
+                                                 "the order rotated) the versus ratios are medians over")
+
+
+def versus_table_rows(doc: dict) -> list[list[str]]:
+    """system, 1 MiB MiB/s (qd64 / qd1), 4 KiB MiB/s (qd64 / qd1), durable 4 KiB p50 / p99: the README's table."""
+    rows = []
+    for name, sysd in (doc.get("versus", {}).get("systems") or {}).items():
+        def g(w: str, k: str) -> Any:
+            return (sysd.get(w) or {}).get(k)
+        rows.append([name, _f(g("seq_1m_qd64", "bw_mib_s")), _f(g("seq_1m_qd1", "bw_mib_s")),
+                     _f(g("seq_4k_qd64", "bw_mib_s")), _f(g("lat_4k", "bw_mib_s")),
+                     _f(g("lat_4k", "p50_us"), "{:.0f}"), _f(g("lat_4k", "p99_us"), "{:.0f}")])
+    return rows
+
+
+VERSUS_HEAD = ["system", "1 MiB qd64", "1 MiB qd1", "4 KiB qd64", "4 KiB qd1", "4 KiB p50 us", "p99 us"]
+
+
+def versus_lines(doc: dict) -> list[str]:
+    vs = doc.get("versus")
+    if not vs:
+        return ["versus (librpma, NFS over RDMA): not run"]
+    out = [f"versus: durable writes, MiB/s and us, medians over {vs.get('blocks')} interleaved blocks",
+           *_table(VERSUS_HEAD, versus_table_rows(doc)), "",
+           "ratios (median of per-block ratios [min .. max], blocks)"]
+    for key, sp in vs.get("ratios", {}).items():
+        out.append(f"  {key}: {_f(sp.get('median'), '{:.3f}')} [{_f(sp.get('min'), '{:.3f}')} .. "
+                   f"{_f(sp.get('max'), '{:.3f}')}], {sp.get('blocks')}")
+    cpu = vs.get("cpu_put") or {}
+    if cpu:
+        rd, nf = cpu.get("rdax") or {}, cpu.get("nfs") or {}
+        out.append(f"storage-side CPU during a {size_label(cpu.get('bytes') or 0)} put, s/GiB: rdax-server "
+                   f"{_f(rd.get('node_cpu_s_per_gib'), '{:.4f}')} (goal <= 0.01), knfsd threads "
+                   f"{_f(nf.get('server_cpu_s_per_gib'), '{:.4f}')}; whole guest: rdax "
+                   f"{_f(rd.get('guest_cpu_s_per_gib'), '{:.2f}')}, NFS {_f(nf.get('guest_cpu_s_per_gib'), '{:.2f}')}")
+    return out
 
 
 # -- the table ----------------------------------------------------------------------
@@ -232,7 +304,7 @@ def ratio_lines(doc: dict) -> list[str]:
 
 def table(doc: dict) -> str:
     sections = [bandwidth_lines(doc), first_touch_lines(doc), latency_lines(doc), registration_lines(doc),
-                memory_lines(doc), control_lines(doc), ratio_lines(doc)]
+                memory_lines(doc), control_lines(doc), versus_lines(doc), ratio_lines(doc)]
     if doc.get("problems"):
         sections.append(["problems", *[f"  {p}" for p in doc["problems"]]])
     return "\n\n".join("\n".join(s) for s in sections)

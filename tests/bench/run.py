@@ -10,9 +10,12 @@ Runs in the lab guest's root namespace and drives both sides itself:
    - write bandwidth, 4 KiB .. 4 MiB, in --rounds rounds of: ib_write_bw, ib_write_bw --odp, rdax at queue
      depth 1/8/64, RemoteFile.write; the figures are the medians over rounds;
    - latency, 64 B / 4 KiB / 64 KiB: ib_write_lat, then rdax write+FLUSH, write, RemoteFile.write(flush=True);
-2. rdax alone: Grant cost against size, node memory per session and per grant, control-plane latency and
+2. the anchors (tests/bench/versus.py): rdax, librpma (our C program against librpma 1.3) and NFS v4.2 over
+   RDMA (knfsd/svcrdma, fio) run the same durable-write workloads in --blocks interleaved blocks; every ratio is
+   the median of its per-block ratios; then the storage side's CPU per GiB during a put;
+3. rdax alone: Grant cost against size, node memory per session and per grant, control-plane latency and
    throughput, a cProfile of the client loops.
-3. Ratios to the perftest twins, results/bench.json, a plain table on stdout.
+4. Ratios to the perftest twins and to the anchors, results/bench.json, a plain table on stdout.
 
 Every step is bounded (--budget seconds in all; each call has its own timeout): a step that would not fit
 is skipped and listed under "problems". Exit status 0 when the three headline ratios could be computed.
@@ -39,6 +42,7 @@ sys.path.insert(0, str(HERE.parent / "lab"))
 from perftest import Perftest, Side, roce_v2_ipv4_gid_index  # noqa: E402
 from pki import client_env, make_pki, server_args  # noqa: E402  (the lab's mTLS material and policy)
 from report import attach_ratios, size_label, table  # noqa: E402
+import versus as versus_mod  # noqa: E402  (the anchors: librpma and NFS over RDMA)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -390,6 +394,47 @@ class Run:
             return
         self.doc["revocation"] = json.loads(out.read_text())
 
+    def versus(self) -> None:
+        """The anchors (tests/bench/versus.py): rdax, librpma and NFS v4.2 over RDMA, the same durable-write
+        workloads in interleaved blocks; then the storage side's CPU per GiB during one put through rdax and
+        through NFS."""
+        if self.args.blocks <= 0:
+            return
+        if self.budget.left() < 180:
+            self.problems.note(f"versus skipped: out of time ({self.budget.left():.0f} s left)")
+            return
+        systems: dict = {}
+        try:
+            if self.peer is not None:
+                try:
+                    systems["rdax"] = versus_mod.Rdax(self.call, self.server.pid)
+                except RuntimeError as exc:
+                    self.problems.note(f"versus: {exc}")
+            for name, cls in (("librpma", versus_mod.Librpma), ("nfs", versus_mod.Nfs)):
+                t0 = time.monotonic()
+                try:
+                    systems[name] = cls(self.lab, self.logs)
+                    say(f"versus: {name} up in {time.monotonic() - t0:.0f} s")
+                except Exception as exc:  # noqa: BLE001 - a missing anchor is reported, not fatal
+                    self.problems.note(f"versus: {name}: {type(exc).__name__}: {exc}")
+            doc = versus_mod.versus(systems, self.args.blocks, self.budget.left, self.problems.note)
+            if self.budget.left() > 120:
+                try:
+                    doc["cpu_put"] = versus_mod.cpu_put(systems.get("rdax"), systems.get("nfs"),
+                                                        self.args.put_mib * MiB)
+                except Exception as exc:  # noqa: BLE001
+                    self.problems.note(f"versus: cpu per GiB during a put: {type(exc).__name__}: {exc}")
+            else:
+                self.problems.note("versus: cpu per GiB during a put skipped: out of time")
+            doc["where"] = WHERE_GUEST + "; every system writes into a file on the same fsdax XFS (dax=always)"
+            self.doc["versus"] = doc
+        finally:
+            for s in systems.values():
+                try:
+                    s.close()
+                except Exception as exc:  # noqa: BLE001
+                    self.problems.note(f"versus: closing {s.name}: {exc}")
+
     def profile(self) -> None:
         prof = self.call("profile", self.secs * 4 + 30, seconds=self.secs)
         if prof:
@@ -405,7 +450,7 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/bench.json")
-    parser.add_argument("--budget", type=float, default=600, help="seconds for everything (default %(default)s)")
+    parser.add_argument("--budget", type=float, default=1200, help="seconds for everything (default %(default)s)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per bandwidth/latency point (default %(default)s)")
     parser.add_argument("--scale", type=int, default=1, help="divide perftest iterations by this (smoke runs)")
     parser.add_argument("--lat-iters", type=int, default=500)
@@ -415,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cp-max-ops", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2, help="bandwidth rounds; figures are medians (default %(default)s)")
     parser.add_argument("--no-odp-baseline", action="store_true", help="skip ib_write_bw --odp")
+    parser.add_argument("--blocks", type=int, default=5,
+                        help="interleaved blocks of rdax / librpma / NFS (0: no anchors; default %(default)s)")
+    parser.add_argument("--put-mib", type=int, default=256, help="bytes of the CPU-per-GiB put (default %(default)s)")
     args = parser.parse_args(argv)
 
     lab = dict(os.environ)
@@ -447,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             run.rdax_setup()
         except (RuntimeError, OSError, PeerError) as exc:
             problems.note(f"rdax: {exc}")   # the perftest figures still come
-        for step in (run.bandwidth, run.latency, run.registration, run.memory, run.control_plane, run.revocation,
-                     run.profile):
+        for step in (run.bandwidth, run.latency, run.versus, run.registration, run.memory, run.control_plane,
+                     run.revocation, run.profile):
             step()
     except PeerError:
         pass   # noted already: keep what there is
