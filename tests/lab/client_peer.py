@@ -238,6 +238,9 @@ def main() -> None:
     peer = ClientPeer(sys.argv[1])
     print(json.dumps({"ok": True, "session_id": peer.session.session_id}), flush=True)
     serve(peer, _error)
+    # "quit": close the session like a well-behaved client (a test that wants an abrupt end kills us instead).
+    threading.Thread(target=peer.session.close, daemon=True).start()
+    time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,13 @@ def export_root(lab):
     return root
 
 
-@pytest.fixture
-def server(lab, export_root, pki):
-    s = Server(lab, export_root, 7700 + random.randrange(200), pki=pki)
+@pytest.fixture(scope="module")
+def server(lab, pki):
+    """One node per test module (starting one takes seconds under emulation); tests use paths of their own.
+    A test that stops or restarts a node starts its own."""
+    root = Path(lab["RDAX_DAX_MOUNT"]) / f"export-{uuid.uuid4().hex[:8]}"
+    root.mkdir()
+    s = Server(lab, root, 7700 + random.randrange(200), pki=pki)
     yield s
     s.stop()
 

@@ -38,7 +38,7 @@ identity = "{IDENTITIES['attacker']}"
 paths = ["attacker/**"]
 create = true
 access = ["write", "flush", "atomic"]
-max_sessions = 300
+max_sessions = 40
 max_watch_streams = 150
 """
 

@@ -107,7 +107,8 @@ def test_commit_persists_written_range(server, clients):
     assert (server.root / "committed").read_bytes() == pattern(13, MiB)
 
 
-def test_server_restart_leaves_no_stale_registration_bad_flow(lab, export_root, server):
+def test_server_restart_leaves_no_stale_registration_bad_flow(lab, export_root, pki):
+    server = Server(lab, export_root, 7650, pki=pki)   # its own node: this test kills it
     old = Client(lab, server.target, server.pki)
     g = old.call("open", name="f", path="restart", length=MiB)
     assert g["ok"], g
