@@ -10,7 +10,7 @@ PROTO_OUT := proto/rdax/v1/rdax_pb2.py proto/rdax/v1/rdax_pb2_grpc.py
 # One command in the lab: make lab-shell CMD='rdma link'
 CMD ?= bash -c 'rdma link; ip netns; mount | grep pmem'
 
-.PHONY: all host-deps image-deps image venv proto lab unit-test lab-test test lab-shell demo bench clean
+.PHONY: all host-deps image-deps image venv proto lab unit-test lab-test power-test test lab-shell demo bench clean
 
 all: proto
 
@@ -56,7 +56,13 @@ lab-test: proto lab image
 	mkdir -p results
 	lab/run.sh 'ip netns exec storage python -m pytest -p no:cacheprovider tests/lab --junitxml=results/lab-junit.xml'
 
-test: unit-test lab-test
+# Power loss (issue 11 §1): lab boots on one kept NVDIMM file, qemu SIGKILLed while a client writes, each cut
+# checked on the next boot (tests/power; RDAX_POWER_CUTS, default 2; README: "Power loss").
+power-test: proto lab
+	mkdir -p results
+	$(PY) -m pytest -p no:cacheprovider tests/power -s --junitxml=results/power-junit.xml
+
+test: unit-test lab-test power-test
 
 lab-shell: proto lab
 	lab/run.sh "$(CMD)"

@@ -33,7 +33,8 @@ if step "modprobe nfit nd_pmem" modprobe -a nfit nd_pmem libnvdimm; then
     for _ in $(seq 50); do [[ -e /sys/bus/nd/devices/namespace0.0 ]] && break; sleep 0.1; done
     if [[ $pmem_mode == keep ]]; then
         for _ in $(seq 30); do [[ -e /dev/pmem0 ]] && break; sleep 0.1; done
-        [[ $(cat /sys/bus/nd/devices/namespace0.0/mode 2>/dev/null) == fsdax \
+        # sysfs says "memory" for what ndctl calls fsdax (a namespace claimed by a pfn device).
+        [[ $(cat /sys/bus/nd/devices/namespace0.0/mode 2>/dev/null) == @(memory|fsdax) \
            && $(blkid -p -s TYPE -o value /dev/pmem0 2>/dev/null) == xfs ]] && pmem_reused=1
     fi
     if (( pmem_reused )); then

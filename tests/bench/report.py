@@ -136,8 +136,11 @@ VERSUS_DEFINITIONS = {
                              "one FLUSH at the end)",
     "rdax_vs_nfs_lat_4k_p50": "rdax / NFS v4.2 over RDMA, p50 of a durable 4 KiB write one at a time (NFS: fio "
                               "O_DIRECT|O_DSYNC pwrite); below 1: rdax is faster",
-    "rdax_node_cpu_s_per_gib": "not a ratio: rdax-server CPU seconds (utime+stime) per GiB during a put (goal <= 0.01)",
-    "nfs_server_cpu_s_per_gib": "not a ratio: knfsd threads' CPU seconds per GiB for the same bytes through NFS",
+    "rdax_node_cpu_s_per_gib": "not a ratio: rdax-server CPU seconds (utime+stime) per GiB during puts over an "
+                               "existing file (goal <= 0.01); a new file's put, Seal's zero-fill included, is "
+                               "versus.cpu_put.rdax.new_file",
+    "nfs_server_cpu_s_per_gib": "not a ratio: knfsd threads' CPU seconds (utime+stime) per GiB for the same bytes "
+                                "through NFS (fio over the same existing file)",
 }
 
 
@@ -187,11 +190,15 @@ def versus_lines(doc: dict) -> list[str]:
                    f"{_f(sp.get('max'), '{:.3f}')}], {sp.get('blocks')}")
     cpu = vs.get("cpu_put") or {}
     if cpu:
-        rd, nf = cpu.get("rdax") or {}, cpu.get("nfs") or {}
-        out.append(f"storage-side CPU during a {size_label(cpu.get('bytes') or 0)} put, s/GiB: rdax-server "
-                   f"{_f(rd.get('node_cpu_s_per_gib'), '{:.4f}')} (goal <= 0.01), knfsd threads "
-                   f"{_f(nf.get('server_cpu_s_per_gib'), '{:.4f}')}; whole guest: rdax "
-                   f"{_f(rd.get('guest_cpu_s_per_gib'), '{:.2f}')}, NFS {_f(nf.get('guest_cpu_s_per_gib'), '{:.2f}')}")
+        out.append(f"storage-side CPU per GiB during puts of {size_label(cpu.get('bytes_per_put') or 0)} "
+                   f"(utime+stime s/GiB; schedstat s/GiB; whole guest s/GiB):")
+        for name, label in (("rdax", "rdax-server process"), ("nfs", "knfsd threads")):
+            for phase in ("overwrite", "new_file"):
+                m = (cpu.get(name) or {}).get(phase) or {}
+                if m:
+                    out.append(f"  {name:<5} {phase:<9} ({label}): {_f(m.get('server_cpu_s_per_gib'), '{:.4f}')}; "
+                               f"{_f(m.get('server_run_s_per_gib'), '{:.4f}')}; "
+                               f"{_f(m.get('guest_cpu_s_per_gib'), '{:.2f}')}")
     return out
 
 
