@@ -99,7 +99,11 @@ class Session:
                 for callback in self.on_revoke:
                     callback(event)
         except grpc.RpcError:
-            pass  # the stream ends with the session or the channel
+            return  # the channel failed or we cancelled it: the heartbeat tells whether the session is gone
+        if not self._closed.is_set():
+            # The node ends a session's Watch streams only when the session is over (closed by the node or by
+            # another process of this identity): its QP is gone, waiting for completions is pointless.
+            self._lose("the node ended the session's Watch stream: the session is over")
 
     def _lose(self, reason: str) -> None:
         """The node ended the session: its QP is gone and will answer nothing, so stop waiting for it now."""

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import Client, Server, storage_mr_rkeys
@@ -176,3 +177,27 @@ def test_get_reads_a_file_back_and_cat_needs_no_length(lab, server, tmp_path):
 def test_get_missing_file_bad_flow(lab, server, tmp_path):
     run = rdax_cli(lab, server, "get", "-q", "nothing-here", str(tmp_path / "x"))
     assert run.returncode == 1 and b"NOT_FOUND" in run.stderr, run.stderr
+
+
+def test_session_ended_by_the_node_fails_pending_writes_fast_bad_flow(lab, server, clients):
+    """The node ends a client's session (here: another process of the same identity closes it) while the client
+    streams writes: its QP is destroyed and rxe's retries were seen not to fire for 60 s, so the library must
+    stop waiting on the node's word (Watch, heartbeat), within a few seconds."""
+    writer, other = clients(2)
+    assert writer.call("open", name="f", path="ended", length=8 * MiB)["ok"]
+    writer.send("stream", name="f", chunk=1 << 20, seconds=120)
+    time.sleep(2.0)
+    started = time.monotonic()
+    closed = other.call("rpc", method="CloseSession", fields={"session_id": writer.session_id})
+    assert closed["code"] == "OK", closed
+    stream = writer.recv()
+    took = time.monotonic() - started
+    print(f"writer stopped {took:.2f} s after its session was closed: {stream['stopped_by']}: {stream['error']}")
+    assert stream["stopped_by"] in ("SessionLost", "GrantRevoked", "WorkCompletionError"), stream
+    assert took < 10, f"the writer waited {took:.1f} s"
+    # A later operation on the dead session: refused at once, with the reason, before anything is posted.
+    time.sleep(1.0)
+    started = time.monotonic()
+    later = writer.call("write", name="f", offset=0, length=4096, seed=1)
+    assert not later["ok"] and "ended this session" in later["error"], later
+    assert time.monotonic() - started < 5
