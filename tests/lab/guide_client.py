@@ -5,11 +5,14 @@ language would generate for itself): not rdax.client, not rdax.rdma. The comment
 ("guide 3.4") so that the guide and this client can be checked against each other.
 
     ip netns exec client python tests/lab/guide_client.py --target 10.77.0.1:7710 put SRC REMOTE_PATH
+    ip netns exec client python tests/lab/guide_client.py --target 10.77.0.1:7710 revoke SRC REMOTE_PATH \\
+        --atomic-at 4096 8256
     ip netns exec client python tests/lab/guide_client.py --target 10.77.0.1:7710 probe \\
         --cases '[{"gid": "not-a-gid"}, {"mtu": 5000}]'
 
 TLS files come from RDAX_TLS_CA, RDAX_TLS_CERT and RDAX_TLS_KEY. The client's RDMA device is the one with a
-RoCE v2 GID for --ip (default $RDAX_CLIENT_IP). Prints one JSON object on stdout; exits 1 on failure.
+RoCE v2 GID for --ip (default $RDAX_CLIENT_IP). Prints one JSON object on stdout (revoke: a {"phase": "sealed"}
+line before it); exits 1 on failure.
 """
 from __future__ import annotations
 
@@ -103,7 +106,7 @@ class Rdma:
         self.buf = MR(self.pd, max(buffer_bytes, PAGE), e.IBV_ACCESS_LOCAL_WRITE)
         self.poll_attr = PollCqAttr()
         self.sge = SGE(0, 0, 0)             # one scatter/gather entry, refilled per request
-        self.lost: str | None = None        # set by Watch/Heartbeat when the node ended the session (guide 8)
+        self.lost: str | None = None        # set by Watch/Heartbeat when the node ended the session (guide 8.3)
 
     def connect(self, node: pb.Endpoint) -> None:
         """guide 3.5: RESET -> INIT -> RTR -> RTS towards the node's QP, with the attributes the guide gives."""
@@ -147,7 +150,7 @@ class Rdma:
 
     def completion(self, timeout: float = 60.0) -> tuple[int, int]:
         """(wr_id, status) of the next completion. Stops waiting as soon as the node ended the session
-        (guide 8: its QP is gone and rxe's retries will not tell us)."""
+        (guide 8.3: its QP is gone and rxe's retries will not tell us)."""
         deadline = time.monotonic() + timeout
         spins = 0
         while True:
@@ -232,81 +235,28 @@ def seal_dict(info: pb.SealInfo) -> dict:
 
 
 # -- the flows -----------------------------------------------------------------------------------------------------------
-def put(args: argparse.Namespace) -> dict:
-    with open(args.src, "rb") as f:
-        data = f.read()
+def start_session(args: argparse.Namespace, data: bytes, gid_text_form: str = "expanded"):
+    """guide 3: device, QP, OpenSession, connect, Watch and Heartbeat. Returns (stub, rdma, session id, bg, out)."""
     device, gid_index, gid = roce_v2_gid(args.ip, args.device)
     rdma = Rdma(device, gid_index, len(data))
     ctypes.memmove(rdma.buf.buf, data, len(data))
-    out: dict = {"device": device, "gid_index": gid_index, "sent_gid": gid_form(gid, args.gid_form)}
+    out: dict = {"device": device, "gid_index": gid_index, "sent_gid": gid_form(gid, gid_text_form)}
     stub = pb_grpc.RdaxStub(channel(args.target))
-
     opened = open_session(stub, rdma, out["sent_gid"])                                  # guide 3.4
-    sid = opened.session_id
     out["node_endpoint"] = {"qpn": opened.endpoint.qpn, "gid": opened.endpoint.gid, "mtu": opened.endpoint.mtu}
     out["lease_seconds"] = opened.lease_seconds
     rdma.connect(opened.endpoint)                                                         # guide 3.5
-    bg = Background(stub, sid, opened.lease_seconds, rdma)                                # guide 3.6, 8
+    bg = Background(stub, opened.session_id, opened.lease_seconds, rdma)                  # guide 3.6, 8
+    return stub, rdma, opened.session_id, bg, out
+
+
+def end_session(stub: pb_grpc.RdaxStub, rdma: Rdma, sid: str, bg: Background, out: dict) -> None:
+    """guide 6.4: CloseSession; the Watch stream then ends with OK; the id is NOT_FOUND from then on."""
+    bg.stop.set()
     try:
-        # guide 4: seal length a multiple of 4096, at least the data.
-        length = max(PAGE, -(-len(data) // PAGE) * PAGE)
-        seal = stub.Seal(pb.SealRequest(session_id=sid, path=args.path, length=length, create=True)).seal
-        out["seal"] = seal_dict(seal)
-        # guide 5: one grant over the whole seal, WRITE | FLUSH.
-        grant = stub.Grant(pb.GrantRequest(session_id=sid, seal_id=seal.seal_id, offset=0, length=length,
-                                           access=WRITE | FLUSH)).grant
-        align = max(1, grant.write_alignment)
-        out["grant"] = {"grant_id": grant.grant_id, "offset": grant.offset, "length": grant.length,
-                        "access": grant.access, "epoch": grant.epoch, "write_alignment": grant.write_alignment,
-                        "expires_unix_ms": grant.expires_unix_ms, "remote_addr_aligned": grant.remote_addr % align == 0}
-
-        # guide 5.2: file offset o is remote address grant.remote_addr + (o - grant.offset); every WRITE starts on
-        # a multiple of write_alignment (CHUNK is one). Signalled each, at most DEPTH in flight.
-        def raddr(offset: int) -> int:
-            return grant.remote_addr + (offset - grant.offset)
-        starts = list(range(0, len(data), CHUNK))
-        for start in starts:
-            if raddr(start) % align:
-                raise Failed(f"a write would start at {raddr(start):#x}, not a multiple of {align}")
-        posted = done = 0
-        while done < len(starts):
-            while posted < len(starts) and posted - done < DEPTH:
-                start = starts[posted]
-                rdma.write(start, min(CHUNK, len(data) - start), grant.rkey, raddr(start), posted + 1)
-                posted += 1
-            wr_id, status = rdma.completion()
-            if status != 0:
-                raise Failed(f"RDMA WRITE {wr_id} completed with status {status}")
-            done += 1
-        # guide 5.3: one FLUSH(persistent) of the written range behind the writes; durable when it completes.
-        rdma.flush(grant.rkey, raddr(0), len(data), 1 << 32)
-        wr_id, status = rdma.completion()
-        if status != 0 or wr_id != 1 << 32:
-            raise Failed(f"FLUSH completed with status {status} (wr_id {wr_id})")
-        out["written"] = len(data)
-
-        # guide 4.3: what Stat and List show.
-        out["stat"] = seal_dict(stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id)))
-        out["listed"] = [s.seal_id for s in stub.List(pb.ListRequest(session_id=sid)).seals]
-        # guide 6: Commit (node-side msync) of one range; Heartbeat answers the lease.
-        out["commit_bytes"] = stub.Commit(pb.CommitRequest(session_id=sid, seal_id=seal.seal_id,
-                                                           ranges=[pb.Range(offset=0, length=len(data))])).bytes
-        out["heartbeat_lease"] = stub.Heartbeat(pb.HeartbeatRequest(session_id=sid)).lease_seconds
-        # guide 6: Release (no epoch change), then Unseal (the last holder: the seal is revoked, epoch + 1).
-        stub.Release(pb.ReleaseRequest(session_id=sid, grant_id=grant.grant_id))
-        out["stat_after_release"] = seal_dict(stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id)))
-        out["unseal_epoch"] = stub.Unseal(pb.UnsealRequest(session_id=sid, seal_id=seal.seal_id)).epoch
-        try:
-            stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id))
-            out["stat_after_unseal"] = "OK"
-        except grpc.RpcError as exc:
-            out["stat_after_unseal"] = exc.code().name
-    finally:
-        bg.stop.set()
-        try:
-            stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10)      # guide 6
-        except grpc.RpcError as exc:
-            out["close_error"] = f"{exc.code().name}: {exc.details()}"
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10)
+    except grpc.RpcError as exc:
+        out["close_error"] = f"{exc.code().name}: {exc.details()}"
     bg.watcher.join(10)
     out["events"] = bg.events
     out["watch_end"] = bg.watch_end
@@ -315,8 +265,148 @@ def put(args: argparse.Namespace) -> dict:
         out["heartbeat_after_close"] = "OK"
     except grpc.RpcError as exc:
         out["heartbeat_after_close"] = exc.code().name
-    out["sha256"] = hashlib.sha256(data).hexdigest()
     rdma.close()
+
+
+def grant_dict(grant: pb.GrantDescriptor) -> dict:
+    align = max(1, grant.write_alignment)
+    return {"grant_id": grant.grant_id, "offset": grant.offset, "length": grant.length, "access": grant.access,
+            "epoch": grant.epoch, "write_alignment": grant.write_alignment,
+            "expires_unix_ms": grant.expires_unix_ms, "remote_addr_aligned": grant.remote_addr % align == 0}
+
+
+def remote(grant: pb.GrantDescriptor, offset: int) -> int:
+    """guide 5.2: file offset -> remote address."""
+    return grant.remote_addr + (offset - grant.offset)
+
+
+def write_and_flush(rdma: Rdma, grant: pb.GrantDescriptor, nbytes: int) -> None:
+    """guide 5.2, 5.3: the buffer's first nbytes to file offset grant.offset in CHUNK-sized WRITEs, each starting on
+    a multiple of write_alignment, at most DEPTH in flight; then one FLUSH(persistent) of the range behind them."""
+    align = max(1, grant.write_alignment)
+    starts = list(range(0, nbytes, CHUNK))
+    for start in starts:
+        if remote(grant, grant.offset + start) % align:
+            raise Failed(f"a write would start at {remote(grant, grant.offset + start):#x}, not a multiple of {align}")
+    posted = done = 0
+    while done < len(starts):
+        while posted < len(starts) and posted - done < DEPTH:
+            start = starts[posted]
+            rdma.write(start, min(CHUNK, nbytes - start), grant.rkey, remote(grant, grant.offset + start), posted + 1)
+            posted += 1
+        wr_id, status = rdma.completion()
+        if status != 0:
+            raise Failed(f"RDMA WRITE {wr_id} completed with status {status}")
+        done += 1
+    rdma.flush(grant.rkey, remote(grant, grant.offset), nbytes, 1 << 32)
+    wr_id, status = rdma.completion()
+    if status != 0 or wr_id != 1 << 32:
+        raise Failed(f"FLUSH completed with status {status} (wr_id {wr_id})")
+
+
+def code_of(call, request) -> str:
+    """The status name a call gets ("OK" if it succeeds)."""
+    try:
+        call(request, timeout=30)
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def put(args: argparse.Namespace) -> dict:
+    """Seal, one WRITE|FLUSH grant, stream the file and flush it, look at it, give everything back."""
+    with open(args.src, "rb") as f:
+        data = f.read()
+    stub, rdma, sid, bg, out = start_session(args, data, args.gid_form)
+    try:
+        # guide 4.1: seal length a multiple of 4096, at least the data.
+        length = max(PAGE, -(-len(data) // PAGE) * PAGE)
+        seal = stub.Seal(pb.SealRequest(session_id=sid, path=args.path, length=length, create=True)).seal
+        out["seal"] = seal_dict(seal)
+        # guide 5.1: one grant over the whole seal, WRITE | FLUSH.
+        grant = stub.Grant(pb.GrantRequest(session_id=sid, seal_id=seal.seal_id, offset=0, length=length,
+                                           access=WRITE | FLUSH)).grant
+        out["grant"] = grant_dict(grant)
+        write_and_flush(rdma, grant, len(data))
+        out["written"] = len(data)
+        # guide 4.3: what Stat and List show.
+        out["stat"] = seal_dict(stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id)))
+        out["listed"] = [s.seal_id for s in stub.List(pb.ListRequest(session_id=sid)).seals]
+        # guide 6.1: Commit (node-side msync) of one range; guide 3.6: Heartbeat answers the lease.
+        out["commit_bytes"] = stub.Commit(pb.CommitRequest(session_id=sid, seal_id=seal.seal_id,
+                                                           ranges=[pb.Range(offset=0, length=len(data))])).bytes
+        out["heartbeat_lease"] = stub.Heartbeat(pb.HeartbeatRequest(session_id=sid)).lease_seconds
+        # guide 6.2, 6.3: Release (no epoch change), then Unseal (the last holder: the seal is revoked, epoch + 1).
+        stub.Release(pb.ReleaseRequest(session_id=sid, grant_id=grant.grant_id))
+        out["stat_after_release"] = seal_dict(stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id)))
+        out["unseal_epoch"] = stub.Unseal(pb.UnsealRequest(session_id=sid, seal_id=seal.seal_id)).epoch
+        out["stat_after_unseal"] = code_of(stub.Stat, pb.StatRequest(session_id=sid, seal_id=seal.seal_id))
+    finally:
+        end_session(stub, rdma, sid, bg, out)
+    out["sha256"] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def revoke(args: argparse.Namespace) -> dict:
+    """guide 8.2: write through a grant, wait for the seal to be broken on the node (prints {"phase": "sealed"} and
+    waits for a REVOKED event), handle the revocation as the guide says, seal again, and ATOMIC_WRITE (guide 5.4)."""
+    with open(args.src, "rb") as f:
+        data = f.read()
+    stub, rdma, sid, bg, out = start_session(args, data)
+    try:
+        length = max(PAGE, -(-len(data) // PAGE) * PAGE)
+        seal = stub.Seal(pb.SealRequest(session_id=sid, path=args.path, length=length, create=True)).seal
+        grant = stub.Grant(pb.GrantRequest(session_id=sid, seal_id=seal.seal_id, offset=0, length=length,
+                                           access=WRITE | FLUSH)).grant
+        write_and_flush(rdma, grant, len(data))
+        out["seal"], out["grant"] = seal_dict(seal), grant_dict(grant)
+        print(json.dumps({"phase": "sealed", "seal_id": seal.seal_id}), flush=True)
+        deadline = time.monotonic() + 60
+        while not any(ev["kind"] == "REVOKED" for ev in bg.events):
+            if time.monotonic() > deadline:
+                raise Failed("no REVOKED event within 60 s of the seal being broken")
+            time.sleep(0.05)
+        # The grant is gone: post nothing more through it. The seal is REVOKED: Grant and Commit are refused,
+        # the revoked grant cannot be released, Unseal drops the hold.
+        out["stat_revoked"] = seal_dict(stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id)))
+        out["revoked_reason"] = stub.Stat(pb.StatRequest(session_id=sid, seal_id=seal.seal_id)).revoked_reason
+        out["grant_on_revoked"] = code_of(stub.Grant, pb.GrantRequest(
+            session_id=sid, seal_id=seal.seal_id, offset=0, length=PAGE, access=WRITE))
+        out["commit_on_revoked"] = code_of(stub.Commit, pb.CommitRequest(session_id=sid, seal_id=seal.seal_id))
+        out["release_revoked"] = code_of(stub.Release, pb.ReleaseRequest(session_id=sid, grant_id=grant.grant_id))
+        out["unseal_revoked_epoch"] = stub.Unseal(pb.UnsealRequest(session_id=sid, seal_id=seal.seal_id)).epoch
+        # Seal again once the breaker is done (UNAVAILABLE while it still has the file open: retry).
+        for _ in range(40):
+            try:
+                again = stub.Seal(pb.SealRequest(session_id=sid, path=args.path, length=length)).seal
+                break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.5)
+        else:
+            raise Failed("the path could not be sealed again within 20 s")
+        out["resealed"] = seal_dict(again)
+        # guide 5.4: ATOMIC_WRITE, 8 bytes, through a grant with ATOMIC (which needs WRITE); FLUSH to persist.
+        g2 = stub.Grant(pb.GrantRequest(session_id=sid, seal_id=again.seal_id, offset=0, length=length,
+                                        access=WRITE | ATOMIC | FLUSH)).grant
+        out["grant2"] = grant_dict(g2)
+        out["atomics"] = []
+        for offset in args.atomic_at:
+            value = secrets.token_bytes(8)
+            rdma.post(lambda qp, o=offset, v=value: qp.wr_atomic_write(g2.rkey, remote(g2, o), v), True, 7)
+            wr_id, status = rdma.completion()
+            if status != 0:
+                raise Failed(f"ATOMIC_WRITE at {offset} completed with status {status}")
+            out["atomics"].append({"offset": offset, "value": value.hex()})
+        rdma.flush(g2.rkey, remote(g2, 0), length, 8)
+        if rdma.completion()[1] != 0:
+            raise Failed("FLUSH after the ATOMIC_WRITEs failed")
+        # Unseal with the grant still live: it is revoked with reason "unseal" (guide 6.3).
+        out["unseal_epoch"] = stub.Unseal(pb.UnsealRequest(session_id=sid, seal_id=again.seal_id)).epoch
+    finally:
+        end_session(stub, rdma, sid, bg, out)
+    out["sha256"] = hashlib.sha256(data).hexdigest()
     return out
 
 
@@ -348,6 +438,11 @@ def main() -> int:
     p.add_argument("path")
     p.add_argument("--gid-form", choices=("expanded", "compressed"), default="expanded")
     p.set_defaults(run=put)
+    p = commands.add_parser("revoke", help="write, wait for the seal to be broken, handle it, seal again, atomics")
+    p.add_argument("src")
+    p.add_argument("path")
+    p.add_argument("--atomic-at", type=int, nargs="+", default=[4096], help="file offsets of 8-byte ATOMIC_WRITEs")
+    p.set_defaults(run=revoke)
     p = commands.add_parser("probe", help="OpenSession with overridden endpoint fields; the status of each")
     p.add_argument("--cases", required=True, help='a JSON list such as [{"gid": "x"}, {"mtu": 5000}]')
     p.set_defaults(run=probe)

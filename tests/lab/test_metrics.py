@@ -13,7 +13,8 @@ MiB = 1 << 20
 
 def scrape(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=20).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+    # Label values may hold spaces (reason="lease break"): the value is what follows the last space.
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([^#].*) (\S+)$", text, re.M)}
 
 
 @pytest.fixture

@@ -91,3 +91,62 @@ def test_protocol_guide_client_bad_endpoint_bad_flow(lab, server):
     assert mtu_1024["code"] == "FAILED_PRECONDITION" and "4096" in mtu_1024["details"], mtu_1024
     # The same endpoint with nothing overridden is taken.
     assert good["code"] == "OK" and good["node_gid"].count(":") == 7, good
+
+
+def test_protocol_guide_client_handles_a_revocation_and_atomic_writes(lab, server, tmp_path):
+    """guide 8.2: the seal is broken on the node while the client holds a grant; the client hears REVOKED, finds the
+    seal REVOKED (Grant and Commit refused, the grant not releasable), unseals it, seals the path again, and
+    ATOMIC_WRITEs 8 bytes at a page start and inside a page (guide 5.4)."""
+    length = MiB
+    data = os.urandom(length)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    (server.root / "guide").mkdir(exist_ok=True)
+    atomic_at = [4096, 8192 + 64]
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, str(HERE / "guide_client.py"),
+         "--target", server.target, "--ip", lab["RDAX_CLIENT_IP"], "revoke", str(src), "guide/revoked",
+         "--atomic-at", *map(str, atomic_at)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(server.pki, "lab"))
+    try:
+        first = proc.stdout.readline()
+        assert first, f"guide_client died (exit {proc.wait()}):\n{proc.stderr.read()}"
+        assert json.loads(first)["phase"] == "sealed", first
+        # The breaker: another process opens the sealed file. Its open returns once the grants are deregistered.
+        with open(server.root / "guide/revoked", "rb") as f:
+            f.read(4096)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["ok"] and proc.returncode == 0, f"{r}\n{err}"
+
+    stat = r["stat_revoked"]
+    assert stat["state"] == "REVOKED" and stat["epoch"] == 2 and stat["grant_ids"] == [], stat
+    assert stat["holder_count"] == 1, stat
+    assert r["revoked_reason"].startswith(("lease break", "seal broken")), r
+    assert r["grant_on_revoked"] == "FAILED_PRECONDITION" and r["commit_on_revoked"] == "FAILED_PRECONDITION", r
+    assert r["release_revoked"] == "NOT_FOUND", r
+    # Unsealing a REVOKED seal changes no epoch and sends no event.
+    assert r["unseal_revoked_epoch"] == 2, r
+    again = r["resealed"]
+    assert again["seal_id"] != r["seal"]["seal_id"] and again["epoch"] == 1 and again["state"] == "SEALED", r
+    g2 = r["grant2"]
+    assert g2["access"] == 1 | 4 | 8 and g2["epoch"] == 1, g2
+    events = [(ev["kind"], ev["seal_id"], ev["grant_ids"], ev["epoch"]) for ev in r["events"]]
+    assert events == [("REVOKED", r["seal"]["seal_id"], [r["grant"]["grant_id"]], 2),
+                      ("REVOKED", again["seal_id"], [g2["grant_id"]], 2)], r["events"]
+    assert r["events"][0]["reason"] == r["revoked_reason"] and r["events"][1]["reason"] == "unseal", r["events"]
+    assert r["unseal_epoch"] == 2 and r["watch_end"] == "OK", r
+
+    # The file: the data the first seal's WRITE + FLUSH put there, with the 8-byte atomics over it.
+    want = bytearray(data)
+    for atomic in r["atomics"]:
+        want[atomic["offset"]:atomic["offset"] + 8] = bytes.fromhex(atomic["value"])
+    got = (server.root / "guide/revoked").read_bytes()
+    for atomic in r["atomics"]:
+        o = atomic["offset"]
+        assert got[o:o + 8].hex() == atomic["value"], (
+            f"ATOMIC_WRITE at {o} did not land there (page start holds {got[o & ~4095:(o & ~4095) + 8].hex()})")
+    assert got == bytes(want)
