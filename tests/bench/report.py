@@ -167,7 +167,7 @@ def versus_table_rows(doc: dict) -> list[list[str]]:
     """system, 1 MiB MiB/s (qd64 / qd1), 4 KiB MiB/s (qd64 / qd1), durable 4 KiB p50 / p99: the README's table."""
     rows = []
     for name, sysd in (doc.get("versus", {}).get("systems") or {}).items():
-        def g(w: str, k: str) -> Any:
+        def g(w: str, k: str, sysd: dict = sysd) -> Any:
             return (sysd.get(w) or {}).get(k)
         rows.append([name, _f(g("seq_1m_qd64", "bw_mib_s")), _f(g("seq_1m_qd1", "bw_mib_s")),
                      _f(g("seq_4k_qd64", "bw_mib_s")), _f(g("lat_4k", "bw_mib_s")),
@@ -176,6 +176,21 @@ def versus_table_rows(doc: dict) -> list[list[str]]:
 
 
 VERSUS_HEAD = ["system", "1 MiB qd64", "1 MiB qd1", "4 KiB qd64", "4 KiB qd1", "4 KiB p50 us", "p99 us"]
+
+
+def versus_markdown(doc: dict) -> str:
+    """The versus table and headline ratios as Markdown (README: Benchmarks):
+    python -c 'import json, sys; sys.path.insert(0, "tests/bench"); import report;
+               print(report.versus_markdown(json.load(open("results/bench.json"))))'"""
+    head = ["system", "1 MiB MiB/s (qd 64)", "1 MiB MiB/s (one at a time)", "4 KiB MiB/s (qd 64)",
+            "4 KiB MiB/s (one at a time)", "durable 4 KiB p50 us", "p99 us"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in versus_table_rows(doc)]
+    lines += ["", "| ratio | median of per-block ratios | min | max | blocks |", "| --- | --- | --- | --- | --- |"]
+    for key, sp in (doc.get("versus", {}).get("ratios") or {}).items():
+        lines.append(f"| `{key}` | {_f(sp.get('median'), '{:.2f}')} | {_f(sp.get('min'), '{:.2f}')} | "
+                     f"{_f(sp.get('max'), '{:.2f}')} | {sp.get('blocks')} |")
+    return "\n".join(lines)
 
 
 def versus_lines(doc: dict) -> list[str]:

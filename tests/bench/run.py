@@ -410,10 +410,10 @@ class Run:
                     systems["rdax"] = versus_mod.Rdax(self.call, self.server.pid)
                 except RuntimeError as exc:
                     self.problems.note(f"versus: {exc}")
-            for name, cls in (("librpma", versus_mod.Librpma), ("nfs", versus_mod.Nfs)):
+            for name, make in versus_mod.anchors(self.lab, self.logs):
                 t0 = time.monotonic()
                 try:
-                    systems[name] = cls(self.lab, self.logs)
+                    systems[name] = make()
                     say(f"versus: {name} up in {time.monotonic() - t0:.0f} s")
                 except Exception as exc:  # noqa: BLE001 - a missing anchor is reported, not fatal
                     self.problems.note(f"versus: {name}: {type(exc).__name__}: {exc}")
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-odp-baseline", action="store_true", help="skip ib_write_bw --odp")
     parser.add_argument("--blocks", type=int, default=5,
                         help="interleaved blocks of rdax / librpma / NFS (0: no anchors; default %(default)s)")
-    parser.add_argument("--put-mib", type=int, default=256, help="bytes of the CPU-per-GiB put (default %(default)s)")
+    parser.add_argument("--put-mib", type=int, default=128, help="bytes of the CPU-per-GiB put (default %(default)s)")
     args = parser.parse_args(argv)
 
     lab = dict(os.environ)

@@ -157,7 +157,19 @@ def image(lab):
 
 
 @pytest.fixture(scope="module")
-def node(lab, pki, image):
+def refused(lab, pki, image):
+    """The node under the runtime's default seccomp profile, started beside the main one (both start in parallel:
+    under emulation a start costs ~20 s of CPU, and the lab has two)."""
+    export = Path(lab["RDAX_DAX_MOUNT"]) / "export-default-seccomp"
+    export.mkdir(exist_ok=True)
+    container = Container(lab, image, "rdax-node-default-seccomp", export, pki, seccomp=False,
+                          extra=("--listen", "0.0.0.0:7712", "--health-listen", "127.0.0.1:7713"))
+    yield container
+    container.remove()
+
+
+@pytest.fixture(scope="module")
+def node(lab, pki, image, refused):
     export = Path(lab["RDAX_DAX_MOUNT"]) / "export"
     (export / "container").mkdir(parents=True, exist_ok=True)   # the operator makes directories, rdax never does
     container = Container(lab, image, "rdax-node", export, pki)
@@ -226,8 +238,9 @@ def test_container_put_file_checked_on_the_storage_side(lab, pki, node, tmp_path
     assert text.count("pinned registration refused") == 1, "the pinned probe is made once per node"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(lab, pki, node):
+    """One client process for the module (each costs ~10 s to start under emulation); each test its own file."""
     c = Client(lab, target(lab), pki)
     yield c
     c.close()
@@ -254,18 +267,11 @@ def test_container_seal_break_revokes(lab, node, client, breaker) -> None:
     assert not after["ok"], after
 
 
-def test_container_default_seccomp_refuses_fanotify_and_says_why_bad_flow(lab, pki, image, node) -> None:
+def test_container_default_seccomp_refuses_fanotify_and_says_why_bad_flow(refused) -> None:
     """With the runtime's default seccomp profile and no capability, fanotify_init is refused: the node does not
     start (exit 2) and names the seccomp filter and the two ways out."""
-    export = Path(lab["RDAX_DAX_MOUNT"]) / "export-default-seccomp"
-    export.mkdir(exist_ok=True)
-    refused = Container(lab, image, "rdax-node-default-seccomp", export, pki, seccomp=False,
-                        extra=("--listen", "0.0.0.0:7712", "--health-listen", "127.0.0.1:7713"))
-    try:
-        status = refused.proc.wait(timeout=180)
-        text = refused.text()
-    finally:
-        refused.remove()
+    status = refused.proc.wait(timeout=180)
+    text = refused.text()
     assert status == 2, f"exit {status}:\n{text[-3000:]}"
     assert "fanotify_init" in text and "seccomp" in text and "docker/seccomp.json" in text, text[-3000:]
     assert "--cap-add SYS_ADMIN" in text, text[-3000:]
