@@ -60,7 +60,7 @@ lab-test: proto lab image
 # checked on the next boot (tests/power; RDAX_POWER_CUTS, default 2; README: "Power loss").
 power-test: proto lab
 	mkdir -p results
-	$(PY) -m pytest -p no:cacheprovider tests/power -s --junitxml=results/power-junit.xml
+	$(PY) -m pytest -p no:cacheprovider tests/power -s -o junit_family=xunit1 --junitxml=results/power-junit.xml
 
 test: unit-test lab-test power-test
 
