@@ -49,7 +49,7 @@ def test_metrics_move_after_a_put_and_a_revocation(lab, metered, pki):
     assert sum(revoked.values()) == 1 and set(revoked) <= {'rdax_revocations_total{reason="lease break"}',
                                                           'rdax_revocations_total{reason="seal broken"}'}, revoked
     assert after["rdax_revocation_seconds_count"] == 1 and after["rdax_revocation_seconds_sum"] < 1.0
-    assert after['rdax_rpc_seconds_count{method="Grant",code="OK"}'] == 1
-    assert after['rdax_rpc_seconds_count{method="OpenSession",code="OK"}'] == 1
+    assert after['rdax_rpc_seconds_count{code="OK",method="Grant"}'] == 1
+    assert after['rdax_rpc_seconds_count{code="OK",method="OpenSession"}'] == 1
     assert after["rdax_live_grants"] == 0
     assert after.get("rdax_lease_breaks_total", 0) + after.get("rdax_fanotify_events_total", 0) >= 1
