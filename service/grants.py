@@ -46,9 +46,14 @@ def check_range(offset: int, length: int, seal_length: int) -> None:
     if length % PAGE_SIZE:
         raise InvalidArgument(f"length {length} is not a multiple of {PAGE_SIZE}: grants cover whole pages")
     if offset + length > seal_length:
+        if offset >= seal_length:   # "at most 0 bytes" would be a remedy the node refuses
+            raise OutOfRange(
+                f"[{offset}, {offset + length}) ends past the seal's length {seal_length}: the offset is at or past "
+                f"its end; grant from an offset below {seal_length}, or Extend the seal to {offset + length} bytes")
         raise OutOfRange(
             f"[{offset}, {offset + length}) ends past the seal's length {seal_length}: "
-            f"grant at most {max(seal_length - offset, 0)} bytes at offset {offset}, or seal a longer file")
+            f"grant at most {seal_length - offset} bytes at offset {offset}, or Extend the seal to "
+            f"{offset + length} bytes")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def check_commit_range(offset: int, length: int, seal_length: int) -> None:
     if length <= 0:
         raise InvalidArgument(f"range at offset {offset} has length {length}: a range to commit must not be empty")
     if offset + length > seal_length:
-        raise OutOfRange(f"range [{offset}, {offset + length}) ends past the seal's length {seal_length}")
+        raise OutOfRange(f"range [{offset}, {offset + length}) ends past the seal's length {seal_length}: commit "
+                         f"ranges inside [0, {seal_length}), or Extend the seal first")
 
 
 @dataclass(eq=False)
