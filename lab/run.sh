@@ -31,9 +31,10 @@ fi
 # Software emulation: the host's KVM does not boot a stock kernel (LAB-NOTES.md).
 # -nic none: the guest has no outside network; its test hosts are namespaces.
 # Multi-threaded TCG now and then oopses while the kernel patches its own text at boot (seen 2026-11-22:
-# "Oops: int3" in sched_clock_idle_wakeup_event, 3 s in, before any command): a boot that died before the
-# command started is retried, once; a command that started is never run twice.
-for attempt in 1 2; do
+# "Oops: int3" in sched_clock_idle_wakeup_event or sched_clock_cpu, 3 s in, before any command; about one
+# boot in ten that day, twice in a row once): a boot that died before the command started is retried, up to
+# four boots in all; a command that started is never run twice.
+for attempt in 1 2 3 4; do
 timeout --foreground -k 10 "${RDAX_LAB_TIMEOUT:-3600}" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "${RDAX_LAB_CPUS:-2}" \
     -machine pc,nvdimm=on -m "${RDAX_LAB_MEM:-3G},slots=2,maxmem=8G" \
