@@ -43,7 +43,8 @@ class _Hashing:
 def cmd_put(args) -> int:
     size = os.path.getsize(args.local)
     with session_for(args) as session, open(args.local, "rb", buffering=0) as src:
-        with session.open(args.remote, _aligned(size), create=True) as remote:
+        # Only what a put needs: a policy may well not grant this identity READ or ATOMIC.
+        with session.open(args.remote, _aligned(size), create=True, access=Access.WRITE | Access.FLUSH) as remote:
             reader = _Hashing(src)
             start = time.monotonic()
             with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, disable=args.quiet,
