@@ -13,7 +13,6 @@ import getpass
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 

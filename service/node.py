@@ -44,10 +44,10 @@ _REVOCATION_EXCUSES_SECONDS = 120.0
 
 @dataclasses.dataclass
 class Usage:
-    """What one identity holds on the node, against its quotas (policy.Quotas)."""
+    """What one identity holds on the node, against its quotas (policy.Quotas); its grants are counted from its
+    sessions (_by_identity) when one is asked for."""
 
     sessions: int = 0
-    grants: int = 0
     sealed_bytes: int = 0      # the lengths of the seals its sessions hold, once per hold
     watch_streams: int = 0
 

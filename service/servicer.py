@@ -7,7 +7,7 @@ import functools
 import logging
 import sys
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import grpc
 

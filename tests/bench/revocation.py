@@ -14,7 +14,6 @@ import statistics
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (CLIENT_ENDPOINT, MIB, PAGE, FakeFabric, is_leased, is_mapped, open_fds,
-                      open_from_another_process, wait_until)
+                      open_from_another_process)
 
 from rdax.service.errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied,
                                  RdaxError, ResourceExhausted, Unavailable)

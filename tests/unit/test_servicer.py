@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import MIB, PAGE, FakeFabric, open_from_another_process, wait_until
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rdax.service.errors import RdaxError
