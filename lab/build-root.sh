@@ -38,7 +38,7 @@ chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     sh -euc 'python3 -m venv --system-site-packages /opt/rdax/venv
              /opt/rdax/venv/bin/pip install -q -e "/src[test]"
-             /opt/rdax/venv/bin/python -c "import grpc, pyverbs, pytest; print(\"venv ok\")"' \
+             /opt/rdax/venv/bin/python -c "import grpc, pyverbs, pytest; print(\"venv ok\")"' >&2 \
     || die "building the venv inside the root failed"
 umount "$root/src" "$root/proc"
 rm -f "$root/etc/ssl/certs/host-ca.crt"
