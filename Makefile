@@ -6,11 +6,14 @@ PY := $(VENV)/bin/python
 HOST_PACKAGES := qemu-system-x86 busybox-static cpio kmod debootstrap xz-utils zstd
 # Only for `make image` (the storage-node image is built with Debian 12's buildah, no registry, no daemon).
 IMAGE_PACKAGES := buildah
-PROTO_OUT := proto/rdax/v1/rdax_pb2.py proto/rdax/v1/rdax_pb2_grpc.py
+PROTO_OUT := proto/rdax/v1/rdax_pb2.py proto/rdax/v1/rdax_pb2_grpc.py proto/rdax/v1/rdax_pb2_grpc.pyi
+# mypy finds the packages under their import names here: rdax/{service,rdma,client,v1} link to the folders (the
+# editable install maps them with an import hook, which mypy does not follow).
+TYPECHECK := build/typecheck/rdax
 # One command in the lab: make lab-shell CMD='rdma link'
 CMD ?= bash -c 'rdma link; ip netns; mount | grep pmem'
 
-.PHONY: all host-deps image-deps image venv proto lab unit-test lab-test power-test test lab-shell demo bench clean
+.PHONY: all host-deps image-deps image venv proto lint lab unit-test lab-test power-test test lab-shell demo bench clean
 
 all: proto
 
@@ -40,10 +43,23 @@ $(VENV)/.done: pyproject.toml
 
 venv: $(VENV)/.done
 
+# rdax_pb2_grpc.pyi (mypy-protobuf): typed stubs and servicer for mypy.
 $(PROTO_OUT): proto/rdax/v1/rdax.proto $(VENV)/.done
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/rdax/v1/rdax.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=proto proto/rdax/v1/rdax.proto
 
 proto: $(PROTO_OUT)
+
+# ruff over the tree; mypy strict on the rdax packages, looser on the tests (both configured in pyproject.toml).
+# tests/lab apart: it has a conftest of its own.
+lint: proto
+	$(VENV)/bin/ruff check .
+	@mkdir -p $(TYPECHECK)
+	@for p in service rdma client; do ln -sfn ../../../$$p $(TYPECHECK)/$$p; done
+	@ln -sfn ../../../proto/rdax/v1 $(TYPECHECK)/v1
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/unit tests/power
+	$(VENV)/bin/mypy tests/lab
 
 lab: host-deps
 	lab/build-root.sh >/dev/null
@@ -62,7 +78,7 @@ power-test: proto lab
 	mkdir -p results
 	$(PY) -m pytest -p no:cacheprovider tests/power -s -o junit_family=xunit1 --junitxml=results/power-junit.xml
 
-test: unit-test lab-test power-test
+test: lint unit-test lab-test power-test
 
 lab-shell: proto lab
 	lab/run.sh "$(CMD)"
@@ -80,4 +96,4 @@ bench: proto lab
 	$(PY) tests/bench/plot.py results/bench.json results/bench.png
 
 clean:
-	rm -rf $(VENV) results .lab $(PROTO_OUT) proto/rdax/v1/*.pyi
+	rm -rf $(VENV) results .lab $(PROTO_OUT) proto/rdax/v1/*.pyi build/typecheck .mypy_cache .ruff_cache

@@ -1,8 +1,11 @@
 """rdax.client: the client library (connect -> Session -> RemoteFile) and the `rdax` CLI."""
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import GrantRevoked, RdaxClientError, RemoteError, SessionLost
 from .tls import TlsFiles, tls_from_env
+
+if TYPE_CHECKING:   # what __getattr__ hands out, for type checkers (at run time it imports on first use)
+    from .session import Grant, RemoteFile, Session, connect
 
 __all__ = ["Grant", "GrantRevoked", "RdaxClientError", "RemoteError", "RemoteFile", "Session", "SessionLost",
            "TlsFiles", "connect", "tls_from_env"]

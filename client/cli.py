@@ -6,13 +6,14 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 from rdax.rdma import Access, VerbsError
 
 from .errors import RdaxClientError
-from .session import PAGE, Session, connect
+from .session import PAGE, Readable, Session, connect
 from .tls import tls_from_env
 
 
@@ -30,17 +31,17 @@ def _aligned(n: int) -> int:
 class _Hashing:
     """A reader that hashes what passes through it."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f: Readable) -> None:
         self.f, self.sha = f, hashlib.sha256()
 
-    def readinto(self, view) -> int:
+    def readinto(self, view: memoryview) -> int | None:
         n = self.f.readinto(view)
         if n:
             self.sha.update(view[:n])
         return n
 
 
-def cmd_put(args) -> int:
+def cmd_put(args: argparse.Namespace) -> int:
     size = os.path.getsize(args.local)
     with session_for(args) as session, open(args.local, "rb", buffering=0) as src:
         # Only what a put needs: a policy may well not grant this identity READ or ATOMIC.
@@ -58,7 +59,8 @@ def cmd_put(args) -> int:
     return 0
 
 
-def _read_remote(session, remote_path: str, sink, progress=None) -> tuple[int, str]:
+def _read_remote(session: Session, remote_path: str, sink: Callable[[bytes], object],
+                 progress: Callable[[int], object] | None = None) -> tuple[int, str]:
     """Read a whole remote file over RDMA into `sink` (a write(bytes) callable); returns (bytes, sha256)."""
     size = session.stat_path(remote_path).file_size
     sha = hashlib.sha256()
@@ -78,7 +80,7 @@ def _read_remote(session, remote_path: str, sink, progress=None) -> tuple[int, s
     return size, sha.hexdigest()
 
 
-def cmd_get(args) -> int:
+def cmd_get(args: argparse.Namespace) -> int:
     with session_for(args) as session:
         size = session.stat_path(args.remote).file_size
         start = time.monotonic()
@@ -98,13 +100,13 @@ def cmd_get(args) -> int:
     return 0
 
 
-def cmd_cat(args) -> int:
+def cmd_cat(args: argparse.Namespace) -> int:
     with session_for(args) as session:
         _read_remote(session, args.remote, sys.stdout.buffer.write)
     return 0
 
 
-def cmd_stat(args) -> int:
+def cmd_stat(args: argparse.Namespace) -> int:
     with session_for(args) as session:
         for seal in session.list():
             if args.seal in (seal.seal_id, seal.path):
@@ -114,7 +116,7 @@ def cmd_stat(args) -> int:
     return 1
 
 
-def cmd_ls(args) -> int:
+def cmd_ls(args: argparse.Namespace) -> int:
     with session_for(args) as session:
         for seal in session.list():
             print(f"{seal.seal_id}  {seal.state:8} epoch={seal.epoch:<4} len={seal.length:<12} "
@@ -152,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ls", help="list the node's seals")
     p.set_defaults(func=cmd_ls)
     args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return command(args)
     except (RdaxClientError, VerbsError, OSError, ValueError) as exc:
         print(f"rdax: {exc}", file=sys.stderr)
         return 1

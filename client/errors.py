@@ -7,6 +7,11 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # annotations only: the errors import without gRPC
+    import grpc
+
 
 class RdaxClientError(Exception):
     pass
@@ -25,6 +30,6 @@ class SessionLost(RdaxClientError):
 
 
 class RemoteError(RdaxClientError):
-    def __init__(self, rpc: str, code, details: str) -> None:
+    def __init__(self, rpc: str, code: grpc.StatusCode, details: str | None) -> None:
         self.rpc, self.code, self.details = rpc, code, details
         super().__init__(f"{rpc}: {code.name}: {details}")

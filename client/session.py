@@ -13,8 +13,9 @@ import getpass
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import Concatenate, ParamSpec, Protocol, TypedDict, TypeVar, Unpack
 
 import grpc
 
@@ -29,8 +30,28 @@ MiB = 1 << 20
 PAGE = 4096
 ALL_ACCESS = Access.WRITE | Access.READ | Access.ATOMIC | Access.FLUSH
 
+P = ParamSpec("P")
+R = TypeVar("R")
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
-def _call(rpc: str, fn, request):
+
+class Readable(Protocol):
+    """What RemoteFile.write_from reads: a binary file (open(..., "rb")), or anything else with readinto."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class SessionOptions(TypedDict, total=False):
+    """connect()'s keyword arguments for the Session."""
+
+    client_id: str | None
+    staging: int
+    chunk: int
+    depth: int
+
+
+def _call(rpc: str, fn: Callable[[Request], Response], request: Request) -> Response:
     try:
         return fn(request)
     except grpc.RpcError as exc:
@@ -50,7 +71,7 @@ class Grant:
     write_alignment: int = 1   # WRITE/READ start addresses must be multiples of it (the node says)
 
     @classmethod
-    def from_pb(cls, g: pb.GrantDescriptor) -> "Grant":
+    def from_pb(cls, g: pb.GrantDescriptor) -> Grant:
         return cls(g.grant_id, g.seal_id, g.remote_addr, g.rkey, g.offset, g.length, g.access, g.epoch,
                    max(1, g.write_alignment))
 
@@ -150,7 +171,7 @@ class Session:
     def list(self) -> list[pb.SealInfo]:
         return list(_call("List", self.stub.List, pb.ListRequest(session_id=self.session_id)).seals)
 
-    def open(self, path: str, length: int, create: bool = True, access: Access = ALL_ACCESS) -> "RemoteFile":
+    def open(self, path: str, length: int, create: bool = True, access: Access = ALL_ACCESS) -> RemoteFile:
         """Seal `path` (length bytes) and grant this session `access` to all of it."""
         info = self.seal(path, length, create)
         try:
@@ -174,17 +195,17 @@ class Session:
         self.pd.close()
         self.dev.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _fails_fast(method):
+def _fails_fast(method: Callable[Concatenate[RemoteFile, P], R]) -> Callable[Concatenate[RemoteFile, P], R]:
     """A transfer the node abandoned (session ended) raises SessionLost, not the verbs error under it."""
     @functools.wraps(method)
-    def transfer(self: "RemoteFile", *args, **kwargs):
+    def transfer(self: RemoteFile, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
         except Abandoned:
@@ -277,8 +298,8 @@ class RemoteFile:
             s.conn.write_flush(chunks, self.grant.rkey, self._remote(flush_from), offset + n - flush_from)
 
     @_fails_fast
-    def write_from(self, src: BinaryIO, offset: int = 0, length: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> int:
+    def write_from(self, src: Readable, offset: int = 0, length: int | None = None,
+                   progress: Callable[[int], object] | None = None) -> int:
         """Stream `length` bytes (or to EOF) from a binary file object."""
         s = self.session
         view = s.staging.view()
@@ -356,15 +377,16 @@ class RemoteFile:
         """Release the grant and drop this session's hold on the seal; with `size`, the file is set to that many
         bytes when the last holder lets it go (seals are whole pages: `rdax put` of 1000 bytes declares 1000)."""
         size = self.size if size is None else size
-        for rpc in (lambda: self.session.release(self.grant.grant_id),
-                    lambda: self.session.unseal(self.info.seal_id, size)):
+        rpcs: tuple[Callable[[], None], ...] = (lambda: self.session.release(self.grant.grant_id),
+                                                lambda: self.session.unseal(self.info.seal_id, size))
+        for rpc in rpcs:
             try:
                 rpc()
             except RemoteError as exc:
                 if exc.code != grpc.StatusCode.NOT_FOUND:
                     raise
 
-    def __enter__(self) -> "RemoteFile":
+    def __enter__(self) -> RemoteFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -386,6 +408,6 @@ def open_channel(target: str, tls: TlsFiles | None = None, insecure: bool = Fals
 
 
 def connect(target: str, device: str | None = None, tls: TlsFiles | None = None, insecure: bool = False,
-            **kwargs) -> Session:
+            **kwargs: Unpack[SessionOptions]) -> Session:
     """A session with the node at `target` (HOST:PORT) over mutual TLS (tls, or RDAX_TLS_* from the environment)."""
     return Session(target, device=device, tls=tls, insecure=insecure, **kwargs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -36,7 +37,7 @@ def tls_from_env(ca: str | None = None, cert: str | None = None, key: str | None
         # Half a TLS setup must not quietly become plaintext.
         names = ", ".join(f"{_SOURCES[f][0]} (or {_SOURCES[f][1]})" for f in missing)
         raise ValueError(f"mTLS needs a CA, a certificate and a key; missing: {names}")
-    return TlsFiles(**given)
+    return TlsFiles(**{field: value for field, value in given.items() if value is not None})   # (all three)
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
@@ -48,7 +49,8 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def secure_channel(target: str, tls: TlsFiles, options=(), server_name: str | None = None) -> grpc.Channel:
+def secure_channel(target: str, tls: TlsFiles, options: Iterable[tuple[str, str | int]] = (),
+                   server_name: str | None = None) -> grpc.Channel:
     """A channel to `target` over mTLS. The node's certificate must name the host or IP in `target`, or
     `server_name` when given (a node reached through another name); verification is never turned off."""
     options = list(options)

@@ -3,7 +3,7 @@
 It knows nothing of gRPC or files: devices, protection domains, memory
 regions (pinned with an ODP fallback) and RC connections with the data verbs.
 """
-from .connection import Chunk, Connection, EndpointInfo, REM_ACCESS_ERR
+from .connection import REM_ACCESS_ERR, Chunk, Connection, EndpointInfo
 from .device import Device, find_device, list_devices, local_device, open_device
 from .errors import Abandoned, ConnectError, DeviceNotFound, RegistrationError, VerbsError, WorkCompletionError
 from .mr import Access, LocalBuffer, MemoryRegion, register

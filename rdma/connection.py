@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from errno import ENOENT
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from errno import ENOENT
+from typing import NamedTuple
 
 import pyverbs.enums as e
-from pyverbs.addr import AHAttr, GlobalRoute, GID
+from pyverbs.addr import GID, AHAttr, GlobalRoute
 from pyverbs.cq import CQEX, CqInitAttrEx, PollCqAttr
 from pyverbs.pd import PD
 from pyverbs.pyverbs_error import PyverbsError
@@ -22,6 +23,11 @@ from pyverbs.wr import SGE
 from .device import PORT, Device
 from .errors import Abandoned, ConnectError, VerbsError, WorkCompletionError
 from .mr import Access
+
+# The posting loop's callbacks: `describe()` makes a verb's error arguments (only when it raises), and a tail posts
+# one more request (FLUSH, ATOMIC_WRITE) on the QP being built, behind the chunks.
+Describe = Callable[[], dict[str, object]]
+Tail = Callable[[QPEx], object]
 
 MTU_ENUM = {256: e.IBV_MTU_256, 512: e.IBV_MTU_512, 1024: e.IBV_MTU_1024,
             2048: e.IBV_MTU_2048, 4096: e.IBV_MTU_4096}
@@ -143,12 +149,12 @@ class Connection:
     # lab, and every Python call in here is a measurable share of it, so the
     # posting loop works on locals, builds no objects per request, and makes
     # its error arguments only when it raises.
-    def _post(self, verb: str, args: dict, build, signal: bool = False) -> None:
+    def _post(self, verb: str, args: dict[str, object], build: Tail, signal: bool = False) -> None:
         """Post one work request built by `build(qp)`."""
         self._post_requests(verb, lambda: args, (), tail=build, signal_last=signal)
 
-    def _post_requests(self, verb: str, describe, chunks, read: bool = False, tail=None,
-                       signal_last: bool = True) -> None:
+    def _post_requests(self, verb: str, describe: Describe, chunks: Sequence[Chunk], read: bool = False,
+                       tail: Tail | None = None, signal_last: bool = True) -> None:
         """Post an RDMA WRITE (READ if `read`) per chunk, then `tail(qp)` if
         given, as many per wr_start/wr_complete as the queue has room for. A
         request is signalled when `signal_every` went unsignalled, and the last
@@ -188,13 +194,15 @@ class Connection:
                     sge.addr, sge.length, sge.lkey = laddr, length, lkey
                     qp.wr_set_sge(sge)
                 else:
+                    assert tail is not None   # past the chunks: the tail's slot, which n counts only if there is one
                     tail(qp)
             self._complete(verb, describe)
             self._unsignalled = unsignalled
             self._in_flight += end - i
             i = end
 
-    def _post_fitting(self, verb: str, describe, chunks, n: int, read: bool, tail) -> None:
+    def _post_fitting(self, verb: str, describe: Describe, chunks: Sequence[Chunk], n: int, read: bool,
+                      tail: Tail | None) -> None:
         """_post_requests when all `n` fit in the queue and only the last needs
         a completion: the latency case (one write + its flush), with the
         fewest Python steps per request."""
@@ -220,7 +228,7 @@ class Connection:
         self._unsignalled = 0
         self._in_flight += n
 
-    def _complete(self, verb: str, describe) -> None:
+    def _complete(self, verb: str, describe: Describe) -> None:
         """wr_complete: hand the requests built since wr_start to the device.
         Callers count them as posted only once this returns."""
         try:
@@ -228,7 +236,7 @@ class Connection:
         except PyverbsError as exc:
             raise VerbsError(f"ibv_wr_complete[{verb}]", describe(), detail=str(exc)) from exc
 
-    def _spin(self, verb: str, describe, timeout: float) -> None:
+    def _spin(self, verb: str, describe: Describe, timeout: float) -> None:
         """Poll until a completion is there; returns with the CQ's poll batch
         open (cq.status/wr_id read it, cq.end_poll() closes it).
 
@@ -262,13 +270,13 @@ class Connection:
         """
         self._abandoned = reason
 
-    def _failed(self, verb: str, describe, status: int) -> WorkCompletionError:
+    def _failed(self, verb: str, describe: Describe, status: int) -> WorkCompletionError:
         """A completion with an error: the QP is in error, nothing is in flight any more."""
         self._in_flight = 0
         self._unsignalled = 0
         return WorkCompletionError(verb, describe(), status, WC_STATUS.get(status, "?"))
 
-    def _retire(self, verb: str, describe, until_empty: bool = False, timeout: float = 30.0) -> None:
+    def _retire(self, verb: str, describe: Describe, until_empty: bool = False, timeout: float = 30.0) -> None:
         """Poll completions until there is room (or nothing is in flight)."""
         cq = self.cq
         while self._in_flight >= self.depth or (until_empty and self._in_flight > 0):
@@ -284,7 +292,7 @@ class Connection:
             finally:
                 cq.end_poll()
 
-    def wait(self, verb: str = "wait", args: dict | None = None, timeout: float = 30.0) -> None:
+    def wait(self, verb: str = "wait", args: dict[str, object] | None = None, timeout: float = 30.0) -> None:
         """Make sure the last posted request is signalled, then wait for all."""
         if self._unsignalled:
             # RC has no "signal the previous request": the last request of a
@@ -295,7 +303,7 @@ class Connection:
 
     # -- verbs ----------------------------------------------------------------
     @staticmethod
-    def _flush_wr(rkey: int, raddr: int, length: int):
+    def _flush_wr(rkey: int, raddr: int, length: int) -> Tail:
         return lambda qp: qp.wr_flush(rkey, raddr, length, FLUSH_PERSISTENT, FLUSH_RANGE)
 
     def post_write(self, c: Chunk, last: bool = False) -> None:
@@ -314,16 +322,17 @@ class Connection:
     def post_atomic_write(self, rkey: int, raddr: int, value: bytes) -> None:
         if len(value) != 8:
             raise ValueError(f"ATOMIC_WRITE carries exactly 8 bytes, not {len(value)}")
-        args = {"rkey": rkey, "remote_addr": raddr}
+        args: dict[str, object] = {"rkey": rkey, "remote_addr": raddr}
         self._post("ATOMIC_WRITE", args, lambda qp: qp.wr_atomic_write(rkey, raddr, value), signal=True)
 
-    def _transfer(self, verb: str, chunks, read: bool = False, tail=None, timeout: float = 60.0) -> int:
+    def _transfer(self, verb: str, chunks: Iterable[Chunk], read: bool = False, tail: Tail | None = None,
+                  timeout: float = 60.0) -> int:
         """Post every request (only the last signalled), then wait for all;
         returns the bytes the chunks carry."""
         if not isinstance(chunks, (list, tuple)):
             chunks = list(chunks)
 
-        def describe() -> dict:
+        def describe() -> dict[str, object]:
             return {"requests": len(chunks) + (tail is not None), "bytes": sum(c.length for c in chunks)}
         self._post_requests(verb, describe, chunks, read=read, tail=tail)
         self._retire(verb, describe, until_empty=True, timeout=timeout)
@@ -364,7 +373,7 @@ class Connection:
                                  detail=str(exc)) from exc
             self._in_flight = 2
 
-            def describe() -> dict:
+            def describe() -> dict[str, object]:
                 return {"requests": 2, "bytes": n, "flush_addr": raddr, "flush_len": length}
             # Only the FLUSH is signalled and nothing else is in flight: its
             # completion (or the first error) is the one there is to read.
@@ -397,7 +406,7 @@ class Connection:
         if sge is not None:   # SGE.close() frees unconditionally: exactly once
             sge.close()
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -128,7 +128,7 @@ class Device:
     def close(self) -> None:
         self.context.close()
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         return self
 
     def __exit__(self, *exc: object) -> None:

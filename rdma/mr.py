@@ -30,7 +30,7 @@ class Access(enum.IntFlag):
     FLUSH = 8   # FLUSH to persistence (global visibility included)
 
     def ibv_flags(self) -> int:
-        flags = e.IBV_ACCESS_LOCAL_WRITE
+        flags: int = e.IBV_ACCESS_LOCAL_WRITE
         if self & Access.WRITE:
             flags |= e.IBV_ACCESS_REMOTE_WRITE
         if self & Access.READ:
@@ -43,7 +43,7 @@ class Access(enum.IntFlag):
         return flags
 
     def label(self) -> str:
-        return "|".join(m.name for m in Access if m & self) or "NONE"
+        return "|".join(m.name for m in Access if m & self and m.name) or "NONE"
 
 
 def _access_names(flags: int) -> str:
@@ -64,11 +64,13 @@ class MemoryRegion:
 
     @property
     def rkey(self) -> int:
-        return self.mr.rkey
+        rkey: int = self.mr.rkey
+        return rkey
 
     @property
     def lkey(self) -> int:
-        return self.mr.lkey
+        lkey: int = self.mr.lkey
+        return lkey
 
     @property
     def closed(self) -> bool:
@@ -80,7 +82,7 @@ class MemoryRegion:
             mr, self.mr = self.mr, None
             mr.close()
 
-    def __enter__(self) -> "MemoryRegion":
+    def __enter__(self) -> MemoryRegion:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -160,9 +162,10 @@ class LocalBuffer:
         # per request, and each pyverbs property or ctypes view costs there.
         self.lkey = self.mr.lkey
         self.rkey = self.mr.rkey
-        self._view = memoryview((ctypes.c_char * length).from_address(self.addr)).cast("B")
+        self._view: memoryview | None = memoryview((ctypes.c_char * length).from_address(self.addr)).cast("B")
 
-    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+    def write(self, data: bytes | memoryview, offset: int = 0) -> None:
+        # (Not a bytearray: ctypes.memmove refuses one.)
         if offset < 0 or offset + len(data) > self.length:
             raise ValueError(f"write of {len(data)} bytes at {offset} exceeds buffer of {self.length}")
         ctypes.memmove(self.addr + offset, bytes(data) if isinstance(data, memoryview) else data, len(data))
@@ -174,13 +177,15 @@ class LocalBuffer:
 
     def view(self) -> memoryview:
         """A writable view of the whole buffer (no copy); not valid after close()."""
+        if self._view is None:
+            raise ValueError("view() of a closed LocalBuffer: its memory is deregistered and freed")
         return self._view
 
     def close(self) -> None:
         self._view = None
         self.mr.close()
 
-    def __enter__(self) -> "LocalBuffer":
+    def __enter__(self) -> LocalBuffer:
         return self
 
     def __exit__(self, *exc: object) -> None:

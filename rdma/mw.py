@@ -46,7 +46,7 @@ class MemoryWindow:
     def close(self) -> None:
         self.mw.close()
 
-    def __enter__(self) -> "MemoryWindow":
+    def __enter__(self) -> MemoryWindow:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,11 +7,12 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_STEM = "ca"
@@ -29,12 +30,17 @@ _SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 EXIT_ERROR = 2
 
+# The CA keys that sign with SHA-256: the EC key `rdax-admin certs ca` makes, or the RSA/DSA key of a CA made elsewhere.
+CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | dsa.DSAPrivateKey
+_CA_KEY_TYPES = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)
+_CA_PUBLIC_KEY_TYPES = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, dsa.DSAPublicKey)
+
 
 class AdminError(Exception):
     """A certificate cannot be made; the message says why and what to do."""
 
 
-def make_ca(dir: str | os.PathLike, name: str = DEFAULT_CA_NAME, days: int = CA_DAYS,
+def make_ca(dir: str | os.PathLike[str], name: str = DEFAULT_CA_NAME, days: int = CA_DAYS,
             force: bool = False) -> tuple[Path, Path]:
     """Write DIR/ca.pem and DIR/ca.key (ECDSA P-256, self-signed); refuse to replace a CA unless `force`."""
     folder = _folder(dir, create=True)
@@ -71,7 +77,8 @@ def make_ca(dir: str | os.PathLike, name: str = DEFAULT_CA_NAME, days: int = CA_
     return cert_path, key_path
 
 
-def make_node_cert(dir: str | os.PathLike, name: str, ips=(), dns=(), days: int = NODE_DAYS) -> tuple[Path, Path]:
+def make_node_cert(dir: str | os.PathLike[str], name: str, ips: Sequence[str] = (), dns: Sequence[str] = (),
+                   days: int = NODE_DAYS) -> tuple[Path, Path]:
     """Write DIR/NAME.pem and DIR/NAME.key: a server certificate for `ips`/`dns`, signed by DIR/ca.pem."""
     folder = _folder(dir)
     _check_stem(name, "--name")
@@ -86,7 +93,8 @@ def make_node_cert(dir: str | os.PathLike, name: str, ips=(), dns=(), days: int 
             raise AdminError(f"--ip {ip!r} is not an IP address (for a host name use --dns)") from None
     for host in dns:
         if not _is_hostname(host):
-            raise AdminError(f"--dns {host!r} is not a host name (letters, digits, '-' and '.'; for an address use --ip)")
+            raise AdminError(f"--dns {host!r} is not a host name (letters, digits, '-' and '.'; "
+                             "for an address use --ip)")
         sans.append(x509.DNSName(host))
     _check_days(days)
     not_before = _now() - CLOCK_SKEW
@@ -94,7 +102,7 @@ def make_node_cert(dir: str | os.PathLike, name: str, ips=(), dns=(), days: int 
                   not_before, not_before + CLOCK_SKEW + dt.timedelta(days=days))
 
 
-def make_client_cert(dir: str | os.PathLike, identity: str, name: str | None = None,
+def make_client_cert(dir: str | os.PathLike[str], identity: str, name: str | None = None,
                      not_after: dt.datetime | None = None, days: int = CLIENT_DAYS) -> tuple[Path, Path]:
     """Write DIR/NAME.pem and DIR/NAME.key: a client certificate for `identity`, signed by DIR/ca.pem.
 
@@ -125,7 +133,8 @@ def make_client_cert(dir: str | os.PathLike, identity: str, name: str | None = N
     elif not_after.tzinfo is None:
         raise AdminError("not_after must be timezone-aware (e.g. datetime.now(timezone.utc) + timedelta(hours=1))")
     elif not_after <= _now():
-        raise AdminError(f"not_after {not_after.isoformat()} is not in the future: the certificate would be born expired")
+        raise AdminError(f"not_after {not_after.isoformat()} is not in the future: "
+                         "the certificate would be born expired")
     return _issue(folder, stem, identity, sans, ExtendedKeyUsageOID.CLIENT_AUTH, not_before, not_after)
 
 
@@ -145,7 +154,7 @@ def _issue(folder: Path, stem: str, common_name: str, sans: list[x509.GeneralNam
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(_authority_key_id(ca_cert), critical=False)
+        .add_extension(_authority_key_id(ca_cert, ca_key), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -157,7 +166,7 @@ def _issue(folder: Path, stem: str, common_name: str, sans: list[x509.GeneralNam
     return cert_path, key_path
 
 
-def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca(folder: Path) -> tuple[x509.Certificate, CaKey]:
     cert_path, key_path = folder / f"{CA_STEM}.pem", folder / f"{CA_STEM}.key"
     for path in (cert_path, key_path):
         if not path.exists():
@@ -168,16 +177,22 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     except (ValueError, TypeError) as exc:
         raise AdminError(f"cannot read the CA in {folder} ({exc}): is {cert_path} a PEM certificate and "
                          f"{key_path} its unencrypted key?") from None
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    if not isinstance(key, _CA_KEY_TYPES):   # (pyca would refuse to sign with it, or with SHA-256)
+        raise AdminError(f"{key_path} is a {type(key).__name__}: a CA key must be EC (as `rdax-admin certs ca` "
+                         "makes), RSA or DSA")
+    ca_public = cert.public_key()
+    if not isinstance(ca_public, _CA_PUBLIC_KEY_TYPES) or \
+            ca_public.public_numbers() != key.public_key().public_numbers():
         raise AdminError(f"{key_path} is not the key of {cert_path}: restore the pair, or make a new CA with --force")
     return cert, key
 
 
-def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def _authority_key_id(ca_cert: x509.Certificate, ca_key: CaKey) -> x509.AuthorityKeyIdentifier:
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+        # The certificate's own public key: _load_ca checked that the two match.
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
@@ -213,7 +228,7 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _folder(dir: str | os.PathLike, create: bool = False) -> Path:
+def _folder(dir: str | os.PathLike[str], create: bool = False) -> Path:
     folder = Path(dir)
     if create:
         try:
@@ -256,7 +271,7 @@ def _cn(text: str) -> str:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -41,7 +41,8 @@ class CanaryResult:
 
 def run_canary(device: Device, export_root: str, mtu: int, *, map_sync: bool = True,
                length: int = CANARY_BYTES) -> CanaryResult:
-    """Write `length` random bytes into `export_root`/.rdax-canary by RDMA at `mtu`; raise CanaryFailed unless all land."""
+    """Write `length` random bytes into `export_root`/.rdax-canary by RDMA at `mtu`; raise CanaryFailed unless all
+    land."""
     pattern = os.urandom(length)
     probe = os.urandom(PROBE_BYTES)
     with contextlib.ExitStack() as cleanup:
@@ -56,7 +57,8 @@ def run_canary(device: Device, export_root: str, mtu: int, *, map_sync: bool = T
         odp = _write_through_odp(device, mtu, mapping, pattern, probe)
         landed = os.pread(fd, length, 0)
     # The probe went over [PROBE_AT, +PROBE_BYTES), or over the page's start: leave that page out of the count.
-    lost = sum(1 for want, got in zip(pattern[:PAGE] + pattern[2 * PAGE:], landed[:PAGE] + landed[2 * PAGE:])
+    lost = sum(1 for want, got in zip(pattern[:PAGE] + pattern[2 * PAGE:], landed[:PAGE] + landed[2 * PAGE:],
+                                      strict=False)
                if want != got)
     if lost:
         raise CanaryFailed(

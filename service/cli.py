@@ -7,8 +7,16 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from .revocation import install_sigio_guard
+
+if TYPE_CHECKING:   # for the annotations only: the functions import these when called, so --help needs no pyverbs
+    from .canary import CanaryResult
+    from .fabric import RdmaFabric
+    from .node import Node
+    from .policy import Policy
+    from .tls import ServerTls
 
 EXIT_REFUSED = 2   # bad configuration, no device, or a data path that loses writes
 
@@ -32,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grant-ttl-seconds", type=float, default=None,
                         help="revoke grants this long after granting (default: they end with their session)")
     parser.add_argument("--max-grants-per-session", type=int, default=1024, help="(default %(default)s)")
-    parser.add_argument("--max-sessions", type=int, default=1024, help="live sessions on the node (default %(default)s)")
+    parser.add_argument("--max-sessions", type=int, default=1024,
+                        help="live sessions on the node (default %(default)s)")
     parser.add_argument("--open-session-rate", type=float, default=20.0,
                         help="OpenSession calls per second per identity, burst twice that (default %(default)s)")
     trust = parser.add_argument_group("trust", "mutual TLS and the policy (see README: Security); SIGHUP re-reads "
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_tls(args: argparse.Namespace):  # -> ServerTls | None
+def load_tls(args: argparse.Namespace) -> ServerTls | None:
     """The node's TLS files, checked; None with --insecure (after a warning)."""
     from .tls import ServerTls, TlsConfigError
 
@@ -158,7 +167,7 @@ def load_tls(args: argparse.Namespace):  # -> ServerTls | None
     return tls
 
 
-def load_policy(args: argparse.Namespace):  # -> Policy
+def load_policy(args: argparse.Namespace) -> Policy:
     from .policy import Policy, PolicyError
 
     if not args.policy:
@@ -170,7 +179,7 @@ def load_policy(args: argparse.Namespace):  # -> Policy
         raise Refused(str(exc)) from exc
 
 
-def reload_trust(args: argparse.Namespace, tls, node) -> None:
+def reload_trust(args: argparse.Namespace, tls: ServerTls | None, node: Node) -> None:
     """SIGHUP: re-read certificates, key and policy; whatever does not load is refused and the old one kept."""
     from .policy import Policy, PolicyError
     from .tls import TlsConfigError
@@ -190,12 +199,14 @@ def reload_trust(args: argparse.Namespace, tls, node) -> None:
         node.audit_log.event("policy_reload_refused", source=args.policy, reason=str(exc))
 
 
-def open_fabric(args: argparse.Namespace):  # -> RdmaFabric; untyped so that --help needs no pyverbs
+def open_fabric(args: argparse.Namespace) -> RdmaFabric:
     try:
-        from .fabric import RdmaFabric
         from rdax.rdma import VerbsError
+
+        from .fabric import RdmaFabric
     except ImportError as exc:
-        raise Refused(f"RDMA support is missing ({exc}): rdax-server needs pyverbs (Debian 13's python3-pyverbs)") from exc
+        raise Refused(f"RDMA support is missing ({exc}): rdax-server needs pyverbs "
+                      "(Debian 13's python3-pyverbs)") from exc
     try:
         device = args.device
         if device is None and args.ip is None:
@@ -208,7 +219,7 @@ def open_fabric(args: argparse.Namespace):  # -> RdmaFabric; untyped so that --h
         raise Refused(f"no usable RDMA device: {exc}") from exc
 
 
-def check_data_path(fabric, args: argparse.Namespace):  # -> CanaryResult
+def check_data_path(fabric: RdmaFabric, args: argparse.Namespace) -> CanaryResult:
     from .canary import CanaryFailed, run_canary
     from .errors import RdaxError
 

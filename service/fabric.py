@@ -5,8 +5,19 @@ from __future__ import annotations
 import contextlib
 import errno
 
-from rdax.rdma import (Access, ConnectError, Connection, Device, DeviceNotFound, EndpointInfo, MemoryRegion,
-                       RegistrationError, VerbsError, open_device, register)
+from rdax.rdma import (
+    Access,
+    ConnectError,
+    Connection,
+    Device,
+    DeviceNotFound,
+    EndpointInfo,
+    MemoryRegion,
+    RegistrationError,
+    VerbsError,
+    open_device,
+    register,
+)
 from rdax.rdma.mr import RegistrationMemo
 
 from .errors import InvalidArgument, RdaxError, ResourceExhausted, Unavailable
@@ -42,7 +53,7 @@ class RdmaChannel:
         """Whether the QP went to the error state (a remote access error, a broken peer): it carries nothing more."""
         try:
             return self.connection.state() in ("ERR", "SQE")
-        except Exception:   # closed under us by the teardown thread: not ours to judge any more
+        except Exception:   # noqa: BLE001 - closed under us by the teardown thread: not ours to judge any more
             return False
 
     def close(self) -> None:

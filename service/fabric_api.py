@@ -1,4 +1,5 @@
-"""What the node core needs from RDMA (channels per session, regions per grant), without pyverbs so tests can fake it."""
+"""What the node core needs from RDMA (channels per session, regions per grant), without pyverbs so tests can fake
+it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ class Channel(Protocol):
     def endpoint(self) -> Endpoint: ...
 
     def register(self, addr: int, length: int, access: int) -> Region:
-        """Register [addr, addr+length) of this process in the channel's PD; `access` is an OR of grants.ACCESS_* bits."""
+        """Register [addr, addr+length) of this process in the channel's PD; `access` is an OR of grants.ACCESS_*
+        bits."""
         ...
 
     def failed(self) -> bool:

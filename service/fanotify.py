@@ -18,7 +18,7 @@ import os
 import select
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("rdax.service")
 

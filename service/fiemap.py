@@ -99,7 +99,8 @@ def _fiemap_call(fd: int, start: int, length: int, flags: int) -> list[Extent]:
 
 def _fiemap_error(exc: OSError) -> RdaxError:
     if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
-        return FailedPrecondition("the filesystem does not support FIEMAP: files on it cannot be sealed, use XFS or ext4")
+        return FailedPrecondition("the filesystem does not support FIEMAP: files on it cannot be sealed, "
+                                  "use XFS or ext4")
     if exc.errno == errno.EBADR:
         return FailedPrecondition("the filesystem rejected FIEMAP_FLAG_SYNC: files on it cannot be sealed")
     return RdaxError(f"FIEMAP failed: {exc.strerror} (errno {exc.errno})")

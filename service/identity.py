@@ -37,7 +37,7 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         sans = None
-    name = None
+    name: str | bytes | None = None   # (a CN's value is bytes only for a few OIDs, never COMMON_NAME)
     if sans is not None:
         for kind in (x509.UniformResourceIdentifier, x509.DNSName):
             found = sans.get_values_for_type(kind)

@@ -10,7 +10,8 @@ F_GETLEASE = 1025
 
 
 class FileLease:
-    """A write lease (F_SETLEASE F_WRLCK) on `fd`, taken on construction, dropped by release() or on leaving a with block.
+    """A write lease (F_SETLEASE F_WRLCK) on `fd`, taken on construction, dropped by release() or on leaving a with
+    block.
 
     Linux grants it only while the file has no other open file description:
     another descriptor, even O_RDONLY in this very process, or a mapping made

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 MAX_PATH_BYTES = 4096          # a path in a request
 MAX_REQUEST_BYTES = 64 * 1024  # one gRPC request message

@@ -102,7 +102,7 @@ class DaxMapping:
             _libc.munmap(self.addr, self.reserve)
             self.addr = 0
 
-    def __enter__(self) -> "DaxMapping":
+    def __enter__(self) -> DaxMapping:
         return self
 
     def __exit__(self, *exc: object) -> None:

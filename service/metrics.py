@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -44,7 +45,7 @@ class NodeMetrics:
                                      "Where RDMA WRITEs must start (multiples of this), measured by the canary",
                                      registry=r)
 
-    def watch(self, node: "Node") -> None:
+    def watch(self, node: Node) -> None:
         """Report the node's live sessions, seals, grants and registered bytes on every scrape."""
         self.registry.register(_NodeState(node))
 
@@ -57,7 +58,7 @@ class NodeMetrics:
 class _NodeState(Collector):
     """Gauges read from the node at scrape time (a count under its lock: no per-object work)."""
 
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self._node = node
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

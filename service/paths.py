@@ -42,7 +42,7 @@ def resolve_beneath(
     parts = split_relpath(relpath)
     canonical = "/".join(parts)
     owns_root = not isinstance(root, int)
-    root_fd = _open_root(root) if owns_root else root
+    root_fd = root if isinstance(root, int) else _open_root(root)
     try:
         parent_fd = _walk_dirs(root_fd, parts[:-1], canonical)
         try:
@@ -113,11 +113,13 @@ def split_relpath(relpath: str) -> list[str]:
     components = relpath.split("/")
     if ".." in components:
         raise InvalidArgument(
-            f"path {quote(relpath, 200)!r} contains '..': paths are relative to the export root and cannot climb out of it"
+            f"path {quote(relpath, 200)!r} contains '..': "
+            "paths are relative to the export root and cannot climb out of it"
         )
     parts = [c for c in components if c not in ("", ".")]
     if not parts:
-        raise InvalidArgument(f"path {quote(relpath, 200)!r} names the export root itself: name a regular file beneath it")
+        raise InvalidArgument(f"path {quote(relpath, 200)!r} names the export root itself: "
+                              "name a regular file beneath it")
     return parts
 
 
@@ -128,7 +130,8 @@ def _open_root(root: str | os.PathLike[str]) -> int:
         return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise RdaxError(
-            f"export root {os.fspath(root)!r} cannot be opened ({exc.strerror}): check the server's export configuration"
+            f"export root {os.fspath(root)!r} cannot be opened ({exc.strerror}): "
+            "check the server's export configuration"
         ) from exc
 
 
@@ -236,6 +239,7 @@ def _os_error(exc: OSError, canonical: str) -> RdaxError:
         return FailedPrecondition(f"path {canonical!r} is on a read-only filesystem: it cannot be opened for writing")
     if code == errno.EWOULDBLOCK:
         return Unavailable(
-            f"path {canonical!r} is leased by another holder (it is being sealed or is sealed): retry once it is released"
+            f"path {canonical!r} is leased by another holder (it is being sealed or is sealed): "
+            "retry once it is released"
         )
     return RdaxError(f"path {canonical!r} cannot be opened: {exc.strerror} (errno {code})")

@@ -58,8 +58,8 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, RdaxError, ResourceExhausted
 from .fiemap import (
@@ -408,11 +408,14 @@ def _io_error(exc: OSError, doing: str) -> RdaxError:
     """Translate an errno met while `doing` something to the file into the error a client sees."""
     code = exc.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"{doing} failed: {exc.strerror}; free space on the export or ask for a shorter length")
+        return ResourceExhausted(f"{doing} failed: {exc.strerror}; "
+                                 "free space on the export or ask for a shorter length")
     if code == errno.EFBIG:
         return OutOfRange(f"{doing} failed: the length is beyond the largest file the filesystem allows")
     if code == errno.EBADF:
-        return InvalidArgument(f"{doing} failed: the descriptor is closed or not open for writing; open the file O_RDWR")
+        return InvalidArgument(f"{doing} failed: the descriptor is closed or not open for writing; "
+                               "open the file O_RDWR")
     if code in (errno.EOPNOTSUPP, errno.ENODEV):
-        return FailedPrecondition(f"{doing} failed: the filesystem cannot preallocate blocks, files on it cannot be sealed")
+        return FailedPrecondition(f"{doing} failed: the filesystem cannot preallocate blocks, "
+                                  "files on it cannot be sealed")
     return RdaxError(f"{doing} failed: {exc.strerror} (errno {code})")

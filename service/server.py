@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Coroutine
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from .node import Node
 from .servicer import RdaxServicer
 
 log = logging.getLogger("rdax.service")
+T = TypeVar("T")
 
 SERVICE_NAME = rdax_pb2.DESCRIPTOR.services_by_name["Rdax"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -51,7 +53,7 @@ class NodeServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rdax-grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
-        self._health: Any = None
+        self._health: health.aio.HealthServicer | None = None
         self.port = 0
         self.health_address = health_address
         self._health_server: grpc.aio.Server | None = None
@@ -87,13 +89,13 @@ class NodeServer:
         await self._server.start()
         if self.health_address is not None:
             try:
-                self.health_port = await self._start_health_only(self._health)
+                self.health_port = await self._start_health_only(self._health, self.health_address)
             except OSError:
                 await self._server.stop(None)
                 raise
         return port
 
-    async def _start_health_only(self, servicer: Any) -> int:
+    async def _start_health_only(self, servicer: health.aio.HealthServicer, address: str) -> int:
         """A second server, plaintext, with the health servicer only (no Rdax, no reflection): what it answers is
         exactly what the main port's health service answers, because it is the same servicer."""
         self._health_server = grpc.aio.server(
@@ -101,7 +103,7 @@ class NodeServer:
             options=[("grpc.max_receive_message_length", HEALTH_MAX_REQUEST_BYTES)])
         health_pb2_grpc.add_HealthServicer_to_server(servicer, self._health_server)
         try:
-            port = self._health_server.add_insecure_port(self.health_address)
+            port = self._health_server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self.health_address} (health): {exc}") from exc
         if port == 0:
@@ -111,14 +113,20 @@ class NodeServer:
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        servicer = self._health
+        assert servicer is not None, "set_serving() before start()"
         for service in ("", SERVICE_NAME):
-            self._run(self._health.set(service, status))
+            self._run(servicer.set(service, status))
 
     def health_status(self, service: str = "") -> int:
         """The health status the server answers for `service` (tests)."""
+        servicer = self._health
+        assert servicer is not None, "health_status() before start()"
+
         async def check() -> int:
             request = health_pb2.HealthCheckRequest(service=service)
-            return (await self._health.Check(request, None)).status
+            status: int = (await servicer.Check(request, None)).status   # (Check reads nothing from its context)
+            return status
         return self._run(check())
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -132,7 +140,7 @@ class NodeServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def _run(self, coroutine: Any) -> Any:
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
 

@@ -7,7 +7,8 @@ import functools
 import logging
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,11 +26,13 @@ from .sessions import Event
 
 log = logging.getLogger("rdax.service")
 
-Handler = TypeVar("Handler", bound=Callable[..., Any])
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a client sees for an exception: RdaxError carries its own, verbs errors are mapped, the rest is INTERNAL."""
+    """The status a client sees for an exception: RdaxError carries its own, verbs errors are mapped, the rest is
+    INTERNAL."""
     if isinstance(exc, RdaxError):
         return grpc.StatusCode[exc.code], exc.message
     verbs_error = _verbs_error_class()
@@ -51,11 +54,12 @@ class Unauthenticated(Exception):
     """A call without a verified client certificate on a node that requires one (cannot happen over mTLS)."""
 
 
-def _unary(method: Handler) -> Handler:
+def _unary(method: Callable[[RdaxServicer, Request, grpc.ServicerContext, PeerIdentity], Response]
+           ) -> Callable[[RdaxServicer, Request, grpc.ServicerContext], Response]:
     """Run a unary handler for the caller's identity; turn any exception into context.abort with the most specific
     status, and write every refusal to the audit trail."""
     @functools.wraps(method)
-    def handler(self: "RdaxServicer", request: Any, context: grpc.ServicerContext) -> Any:
+    def handler(self: RdaxServicer, request: Request, context: grpc.ServicerContext) -> Response:
         rpc = method.__name__
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -77,7 +81,7 @@ def _unary(method: Handler) -> Handler:
             context.abort(code, message)
         finally:
             self._node.metrics.rpc_seconds.labels(rpc, code.name).observe(time.perf_counter() - started)
-    return handler  # type: ignore[return-value]
+    return handler
 
 
 class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
@@ -91,12 +95,14 @@ class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
         self._node = node
         self._insecure = insecure
 
-    def caller(self, context: grpc.ServicerContext) -> PeerIdentity:
+    def caller(self, context: grpc.ServicerContext | grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
         """The identity of the caller: from its verified certificate, never from a request field."""
         if self._insecure:
             return ANONYMOUS
         try:
-            identity = identity_from_auth_context(context.auth_context())
+            # Ignored for mypy: the stubs give the sync context's auth_context() as Mapping[str, bytes] (with a
+            # FIXME) and the aio one's as Mapping[str, Iterable[bytes]]; gRPC gives a dict of lists of bytes.
+            identity = identity_from_auth_context(context.auth_context())  # type: ignore[arg-type]
         except ValueError as exc:   # a verified certificate that names nobody
             raise Unauthenticated(str(exc)) from None
         if identity is None:
@@ -173,7 +179,8 @@ class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
         return pb.ListResponse(seals=[seal_info_to_pb(info)
                                       for info in self._node.list_seals(request.session_id, identity=caller.name)])
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Watch(self, request: pb.WatchRequest,
+                    context: grpc.aio.ServicerContext[pb.WatchRequest, pb.Event]) -> AsyncIterator[pb.Event]:
         try:
             caller = self.caller(context)
         except Unauthenticated as exc:
@@ -183,7 +190,7 @@ class RdaxServicer(rdax_pb2_grpc.RdaxServicer):
             # The node's lock may be held for a while (a revocation): not on the event loop's thread.
             follower = await asyncio.to_thread(self._node.watch_async, request.session_id, loop,
                                                identity=caller.name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - becomes the call's status (abort raises) and an audit record
             code, message = status_of(exc)
             self._node.audit_log.event("refused", rpc="Watch", identity=caller.name, peer=context.peer(),
                                        code=code.name, reason=quote(message, 400))
@@ -221,5 +228,8 @@ def grant_to_pb(grant: GrantDescriptor) -> pb.GrantDescriptor:
 
 
 def event_to_pb(event: Event) -> pb.Event:
-    return pb.Event(kind=int(event.kind), seal_id=event.seal_id, grant_ids=event.grant_ids, reason=event.reason,
+    # Ignored for mypy: the .pyi wants an Event.Kind (an int subclass that exists only there) or its name; the int
+    # is the same value, which protobuf takes.
+    return pb.Event(kind=int(event.kind),  # type: ignore[arg-type]
+                    seal_id=event.seal_id, grant_ids=event.grant_ids, reason=event.reason,
                     epoch=event.epoch, unix_ms=event.unix_ms, length=event.length)

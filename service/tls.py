@@ -9,6 +9,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 # TLS versions. grpcio's Python API has no way to set them: ssl_server_credentials and
 # dynamic_ssl_server_credentials build grpc_ssl_server_credentials_options with only a
@@ -78,6 +79,7 @@ class ServerTls:
             if self._config is None:
                 self._install(self.check_files())
             initial, handed = self._config, self._generation
+        assert initial is not None   # _install set it
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             # gRPC calls this with the GIL held before every handshake, failed ones included: no file I/O here.
@@ -89,7 +91,9 @@ class ServerTls:
                 return self._config
 
         # Each credentials() has its own `handed`, so a node listening on two ports gets a reload on both.
-        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+        # Ignored for mypy: the fetcher returns None for "no change" (grpc's docstring); the stubs leave that out.
+        return grpc.dynamic_ssl_server_credentials(initial, fetch,  # type: ignore[arg-type]
+                                                   require_client_authentication=True)
 
     def reload(self) -> None:
         """Re-read the files for the next handshakes; if they are bad, keep the old ones and raise TlsConfigError."""
@@ -110,7 +114,8 @@ def _read(flag: str, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise TlsConfigError(f"{flag} {path}: no such file (make it with `rdax-admin certs`, or fix the path)") from None
+        raise TlsConfigError(f"{flag} {path}: no such file (make it with `rdax-admin certs`, "
+                             "or fix the path)") from None
     except IsADirectoryError:
         raise TlsConfigError(f"{flag} {path}: is a directory; give the PEM file in it") from None
     except OSError as exc:
@@ -133,7 +138,7 @@ def _is_leaf(cert: x509.Certificate) -> bool:
         return False    # old v1 CAs carry no extensions: give them the benefit of the doubt
 
 
-def _spki(public_key) -> bytes:
+def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

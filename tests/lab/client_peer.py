@@ -9,22 +9,23 @@ import json
 import sys
 import threading
 import time
+from typing import Any
+
+from labkit import pattern, serve
 
 from rdax.client import GrantRevoked, RdaxClientError, RemoteError, RemoteFile, SessionLost, connect
 from rdax.rdma import Access, Chunk, VerbsError, WorkCompletionError
-
-from labkit import pattern, serve
 
 
 class ClientPeer:
     def __init__(self, target: str) -> None:
         self.target = target
         self.session = connect(target)
-        self.files: dict[str, object] = {}
+        self.files: dict[str, RemoteFile] = {}
         self.notified_at: dict[str, float] = {}   # grant id -> CLOCK_MONOTONIC when Watch told us
         self.seen: list[dict] = []                # every Watch event, in order
         self.session.on_revoke.append(self._on_revoke)
-        self._streams: list[object] = []          # Watch streams kept open by watch_flood
+        self._streams: list[Any] = []             # Watch streams kept open by watch_flood (call, future, iterator)
 
     def _on_revoke(self, event) -> None:
         now = time.monotonic()
@@ -37,6 +38,7 @@ class ClientPeer:
         """Any Rdax RPC with any fields, straight through the stub: the reply, or the status it got."""
         import grpc
         from google.protobuf import json_format
+
         from rdax.v1 import rdax_pb2 as pb
 
         request_name = {"List": "ListRequest", "Stat": "StatRequest"}.get(method, f"{method}Request")
@@ -53,7 +55,8 @@ class ClientPeer:
 
     def rpc_latency(self, method: str, fields: dict, count: int, pause: float = 0.0) -> dict:
         """`count` calls of one RPC in a row: the latencies in ms and the codes seen."""
-        times, codes = [], {}
+        times: list[float] = []
+        codes: dict[str, int] = {}
         for _ in range(count):
             r = self.rpc(method, fields)
             times.append(r["ms"])
@@ -77,10 +80,11 @@ class ClientPeer:
 
     def watch_flood(self, count: int) -> dict:
         """Open `count` Watch streams on this session and keep them open; how many the node took."""
-        from rdax.v1 import rdax_pb2 as pb
         import grpc
 
-        refused = {}
+        from rdax.v1 import rdax_pb2 as pb
+
+        refused: dict[str, int] = {}
         for _ in range(count):
             stream = self.session.stub.Watch(pb.WatchRequest(session_id=self.session.session_id))
             self._streams.append(stream)
@@ -209,8 +213,10 @@ def handshake(mode: str, target: str) -> dict:
     credentials gets. plaintext: no TLS at all; nocert: TLS, the right CA, no client certificate; env: the
     RDAX_TLS_* files (a valid identity, or another CA's certificate)."""
     import grpc
-    from rdax.client.tls import tls_from_env, secure_channel
-    from rdax.v1 import rdax_pb2 as pb, rdax_pb2_grpc
+
+    from rdax.client.tls import secure_channel, tls_from_env
+    from rdax.v1 import rdax_pb2 as pb
+    from rdax.v1 import rdax_pb2_grpc
 
     tls = tls_from_env()
     if mode == "plaintext":
@@ -218,6 +224,7 @@ def handshake(mode: str, target: str) -> dict:
     elif mode == "nocert":
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(open(tls.ca, "rb").read()))
     else:
+        assert tls is not None, "env: RDAX_TLS_* unset"
         channel = secure_channel(target, tls)
     stub = rdax_pb2_grpc.RdaxStub(channel)
     try:

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from pki import client_env, make_pki, server_args
 
 HERE = Path(__file__).parent
@@ -86,6 +85,8 @@ def peer(lab):
 class Server:
     """rdax-server as a subprocess in this (storage) namespace, over mutual TLS with the lab's policy."""
 
+    metrics_url: str   # set by the fixtures that start it with --metrics-listen
+
     def __init__(self, lab, root: Path, port: int, *extra: str, pki: dict[str, object]) -> None:
         self.root, self.port, self.pki = root, port, pki
         self.target = f"{lab['RDAX_STORAGE_IP']}:{port}"
@@ -142,6 +143,9 @@ def server(lab, pki):
 
 class Client:
     """tests/lab/client_peer.py in the client namespace, connected to a server."""
+
+    grant: dict            # what the fixtures that open a file for it keep: its grant,
+    baseline_mrs: int      # and how many MRs the storage side had then
 
     def __init__(self, lab, target: str, pki: dict[str, object], who: str = "lab") -> None:
         self.who = who

@@ -30,7 +30,7 @@ from errno import ENOENT
 
 import grpc
 import pyverbs.enums as e
-from pyverbs.addr import AHAttr, GID, GlobalRoute
+from pyverbs.addr import GID, AHAttr, GlobalRoute
 from pyverbs.cq import CQEX, CqInitAttrEx, PollCqAttr
 from pyverbs.device import Context
 from pyverbs.mr import MR
@@ -234,7 +234,7 @@ def seal_dict(info: pb.SealInfo) -> dict:
             "extents": info.extents.count}
 
 
-# -- the flows -----------------------------------------------------------------------------------------------------------
+# -- the flows ---------------------------------------------------------------------------------------------------
 def start_session(args: argparse.Namespace, data: bytes, gid_text_form: str = "expanded"):
     """guide 3: device, QP, OpenSession, connect, Watch and Heartbeat. Returns (stub, rdma, session id, bg, out)."""
     device, gid_index, gid = roce_v2_gid(args.ip, args.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -21,9 +21,10 @@ def serve(target: object, errors: Callable[[Exception], dict | None]) -> None:
         op = req.pop("op")
         if op == "quit":
             break
+        reply: dict | None
         try:
             reply = {"ok": True, **getattr(target, op)(**req)}
-        except Exception as exc:  # noqa: BLE001 - mapped or re-raised just below
+        except Exception as exc:  # mapped or re-raised just below
             reply = errors(exc)
             if reply is None:
                 raise

@@ -7,15 +7,19 @@ stdout, so a test in the storage namespace can drive real remote writes.
 """
 from __future__ import annotations
 
-
-from rdax.rdma import Chunk, Connection, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
+from typing import Any
 
 from labkit import pattern, serve
+
+from rdax.rdma import Chunk, Connection, Device, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
 
 
 class Peer:
     def __init__(self) -> None:
-        self.dev = self.pd = self.conn = self.buf = None
+        self.dev: Device | None = None
+        self.pd: Any = None   # a pyverbs PD
+        self.conn: Connection | None = None
+        self.buf: LocalBuffer | None = None
 
     def open(self, device: str, buffer: int = 4 << 20, depth: int = 64) -> dict:
         self.dev = open_device(name=device)

@@ -62,11 +62,13 @@ def attacker(lab, node, pki):
 
 def health(node, pki) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from rdax.client.tls import secure_channel, tls_from_env
 
     env = client_env(pki, "lab", {})
-    with secure_channel(node.target, tls_from_env(env["RDAX_TLS_CA"], env["RDAX_TLS_CERT"],
-                                                  env["RDAX_TLS_KEY"])) as channel:
+    tls = tls_from_env(env["RDAX_TLS_CA"], env["RDAX_TLS_CERT"], env["RDAX_TLS_KEY"])
+    assert tls is not None
+    with secure_channel(node.target, tls) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20).status
 
 
@@ -169,7 +171,10 @@ def test_attack_leaked_rkey_over_its_own_qp_bad_flow(lab, node, pki, victim, att
 def test_attack_bad_requests_get_their_status_bad_flow(lab, node, pki, victim, attacker):
     sid = attacker.session_id
     pid = node.proc.pid
-    rss = lambda: int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")).split()[1]) // 1024
+
+    def rss() -> int:
+        return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1]) // 1024
+
     rss_before = rss()
 
     def seal(path: str, length: int) -> dict:

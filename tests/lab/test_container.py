@@ -321,6 +321,9 @@ def test_container_seccomp_profile_is_the_runtime_default_plus_fanotify_init(lab
         "docker/seccomp.json is stale: python3 docker/make-seccomp.py /usr/share/containers/seccomp.json"
     default = json.loads(Path("/usr/share/containers/seccomp.json").read_text())
     ours = json.loads(SECCOMP.read_text())
-    allowed = lambda p: {n for r in p["syscalls"] if r["action"] == "SCMP_ACT_ALLOW"
-                         and not (r.get("includes") or r.get("excludes") or r.get("args")) for n in r["names"]}
+
+    def allowed(p):
+        return {n for r in p["syscalls"] if r["action"] == "SCMP_ACT_ALLOW"
+                and not (r.get("includes") or r.get("excludes") or r.get("args")) for n in r["names"]}
+
     assert allowed(ours) - allowed(default) == {"fanotify_init"}

@@ -24,8 +24,8 @@ BREAKERS = {
     "truncate": [sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 4 << 20)", "{path}"],
     # coreutils truncate opens O_NONBLOCK: the kernel answers EAGAIN while the
     # lease break is pending, and the open goes through once rdax let go.
-    "truncate_nonblocking_retried": ["sh", "-c", "for i in $(seq 100); do truncate -s 4M {path} 2>/dev/null "
-                                     "&& exit 0; sleep 0.05; done; exit 1"],
+    "truncate_nonblocking_retried": ["sh", "-c", ("for i in $(seq 100); do truncate -s 4M {path} 2>/dev/null "
+                                                  "&& exit 0; sleep 0.05; done; exit 1")],
     "punch_hole": ["fallocate", "--punch-hole", "--offset", "0", "--length", "65536", "{path}"],
     "zero_range": ["fallocate", "--zero-range", "--offset", "0", "--length", "65536", "{path}"],
     "collapse_range": ["fallocate", "--collapse-range", "--offset", "0", "--length", "65536", "{path}"],
@@ -33,8 +33,8 @@ BREAKERS = {
     "write_other_descriptor": ["dd", "if=/dev/zero", "of={path}", "bs=4096", "count=1", "conv=notrunc",
                                "status=none"],
     "reflink": ["cp", "--reflink=always", "{path}", "{path}.reflink"],
-    "clone_into": ["sh", "-c", "head -c 65536 /dev/zero > {path}.src && "
-                   "xfs_io -c 'reflink {path}.src 0 0 65536' {path}"],
+    "clone_into": ["sh", "-c", ("head -c 65536 /dev/zero > {path}.src && "
+                                "xfs_io -c 'reflink {path}.src 0 0 65536' {path}")],
     "dedupe": [sys.executable, str(HERE / "dedupe_breaker.py"), "{path}"],
     "rename": ["mv", "{path}", "{path}.moved"],
     "link": ["ln", "{path}", "{path}.link"],

@@ -34,6 +34,7 @@ class ServerProcess:
 
     def wait_listening(self, timeout: float = START_TIMEOUT) -> str:
         deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None   # stdout=PIPE
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
             if ready:
@@ -84,10 +85,11 @@ def server(lab, export_root, pki):
 
 @pytest.fixture(scope="module")
 def grpc_channel(server, pki):
-    from rdax.client.tls import secure_channel, tls_from_env   # grpc: seconds to import in the guest
+    from rdax.client.tls import secure_channel, tls_from_env  # grpc: seconds to import in the guest
 
     env = client_env(pki, "lab", {})
     tls = tls_from_env(env["RDAX_TLS_CA"], env["RDAX_TLS_CERT"], env["RDAX_TLS_KEY"])
+    assert tls is not None
     with secure_channel(server.address, tls) as channel:
         yield channel
 

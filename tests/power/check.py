@@ -151,8 +151,8 @@ def check(log_path: Path, root: Path) -> dict:
             result["superseded"] += 1
             continue
         if hashlib.sha256(content[k][o:o + n]).hexdigest() != ack["sha256"]:
-            error(f"acked-{ack['how']}", f"{ack['path']}: acknowledged range [{o}, {o + n}) (seq {seq}, {ack['how']}) does not hold its "
-                  f"bytes after the power cut")
+            error(f"acked-{ack['how']}", f"{ack['path']}: acknowledged range [{o}, {o + n}) "
+                  f"(seq {seq}, {ack['how']}) does not hold its bytes after the power cut")
         else:
             result["sha256_checked"] += 1
     return result

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "lab"))
-from pki import client_env, make_pki, server_args
+from pki import client_env, make_pki, server_args  # noqa: E402 - tests/lab's helper, importable once on sys.path
 
 ROOT = Path(os.environ.get("RDAX_DAX_MOUNT", "/mnt/pmem")) / "power"   # the export root on the DAX mount
 CONTROL_BYTES = b"c" * 65536

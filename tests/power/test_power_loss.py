@@ -45,10 +45,10 @@ CUT_DELAY = (0.0, 0.4)      # then this many seconds more, drawn at random: the 
 def lab_lock():
     """The lab lock for one boot: the descriptor inherited from flock(1) if we run under it, else our own."""
     inherited = None
-    for fd in os.listdir("/proc/self/fd"):
+    for entry in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}") == LOCK:
-                inherited = int(fd)
+            if os.readlink(f"/proc/self/fd/{entry}") == LOCK:
+                inherited = int(entry)
     fd = inherited if inherited is not None else os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     deadline = time.monotonic() + LOCK_TIMEOUT
     try:
@@ -92,8 +92,8 @@ class Lab:
         with lab_lock():
             started = time.monotonic()
             with open(out, "wb") as f:
-                proc = subprocess.Popen([str(REPO / "lab/run.sh"), command], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=f, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen([str(REPO / "lab/run.sh"), command], cwd=REPO, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
             if cut_log is not None:
                 target = random.randint(*CUT_AFTER)
                 info.update(cut_after=target)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from powerkit import ALIGN, write_bytes
+
 from rdax.client import connect
 
 

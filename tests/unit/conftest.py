@@ -1,4 +1,5 @@
-"""Shared fixtures of the node tests: a fake fabric that counts what it registers, a hand-driven clock, a Node on ext4."""
+"""Shared fixtures of the node tests: a fake fabric that counts what it registers, a hand-driven clock, a Node on
+ext4."""
 from __future__ import annotations
 
 import itertools
@@ -6,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import pytest
 
@@ -31,7 +33,7 @@ access = ["write", "read", "atomic", "flush"]
 
 
 class FakeRegion:
-    def __init__(self, fabric: "FakeFabric", channel: "FakeChannel", addr: int, length: int, access: int) -> None:
+    def __init__(self, fabric: FakeFabric, channel: FakeChannel, addr: int, length: int, access: int) -> None:
         self.fabric = fabric
         self.channel = channel
         self.addr = addr
@@ -48,7 +50,7 @@ class FakeRegion:
 
 
 class FakeChannel:
-    def __init__(self, fabric: "FakeFabric", remote: Endpoint) -> None:
+    def __init__(self, fabric: FakeFabric, remote: Endpoint) -> None:
         self.fabric = fabric
         self.remote = remote
         self.endpoint = Endpoint(qpn=next(fabric.qpns), gid="::ffff:10.77.0.1", psn=0x4321, mtu=4096)
@@ -131,7 +133,8 @@ def make_node(export_root: Path, fabric: FakeFabric, clock: FakeClock):
     nodes: list[Node] = []
 
     def make(**overrides) -> Node:
-        options = dict(lease_seconds=30, map_sync=False, clock=clock, policy=Policy.parse(OPEN_POLICY, "open.toml"))
+        options: dict[str, Any] = {"lease_seconds": 30, "map_sync": False, "clock": clock,
+                                   "policy": Policy.parse(OPEN_POLICY, "open.toml")}
         options.update(overrides)
         node = Node(export_root, fabric, **options)
         nodes.append(node)

@@ -28,7 +28,7 @@ def mode(path: Path) -> int:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def test_certs_ca_writes_a_self_signed_ca_with_a_private_key(tmp_path: Path, capsys) -> None:

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from rdax.service.admin import make_ca, make_client_cert, make_node_cert
 from rdax.service.cli import parse_args
 from rdax.service.node import Node
@@ -93,7 +94,7 @@ def test_health_listener_serves_no_rdax_and_no_reflection_bad_flow(served, fabri
         replies = reflector.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                                  timeout=10)
         assert code_of(lambda: next(replies)) == grpc.StatusCode.UNIMPLEMENTED
-        raw = channel.unary_unary("/rdax.v1.Rdax/OpenSession")
+        raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/rdax.v1.Rdax/OpenSession")
         assert code_of(raw, b"\x0a\x01x", timeout=10) == grpc.StatusCode.UNIMPLEMENTED
     assert fabric.channels == [], "a call on the health port reached the node"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
 from rdax.service.cli import parse_args
 from rdax.service.policy import Policy
 

@@ -8,11 +8,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (CLIENT_ENDPOINT, MIB, PAGE, FakeFabric, is_leased, is_mapped, open_fds,
-                      open_from_another_process)
+from conftest import CLIENT_ENDPOINT, MIB, PAGE, FakeFabric, is_leased, is_mapped, open_fds, open_from_another_process
 
-from rdax.service.errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied,
-                                 RdaxError, ResourceExhausted, Unavailable)
+from rdax.service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    RdaxError,
+    ResourceExhausted,
+    Unavailable,
+)
 from rdax.service.fabric_api import Endpoint
 from rdax.service.grants import ACCESS_ATOMIC, ACCESS_FLUSH, ACCESS_READ, ACCESS_WRITE
 from rdax.service.node import Node
@@ -231,7 +238,7 @@ def test_grant_registers_exactly_the_range_and_access(node: Node, fabric: FakeFa
     first = node.grant(sid, seal, 0, MIB, ACCESS_WRITE | ACCESS_FLUSH)
     second = node.grant(sid, seal, 3 * MIB, MIB, RW | ACCESS_ATOMIC)
     assert second.remote_addr - first.remote_addr == 3 * MIB
-    for grant, region in zip((first, second), fabric.regions):
+    for grant, region in zip((first, second), fabric.regions, strict=False):
         assert (region.addr, region.length, region.access) == (grant.remote_addr, grant.length, grant.access)
         assert region.rkey == grant.rkey and region.channel is fabric.channels[0]
     assert first.epoch == 1 and first.expires_unix_ms == 0 and first.seal_id == seal

@@ -149,7 +149,7 @@ def test_long_path_refused_with_a_short_message_bad_flow(trusted: Node) -> None:
 
 def test_qp_error_ends_session_counts_violation_and_refuses_identity(trusted: Node, fabric: FakeFabric,
                                                                      audit: NullAudit) -> None:
-    for n in range(4):
+    for _ in range(4):
         b = opened(trusted, BOB)
         events = trusted.watch(b, poll_seconds=0.01, identity=BOB)
         fabric.channels[-1].broken = True

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple, cast
 
 import pytest
 
@@ -343,7 +344,7 @@ def test_seal_refused_no_space_midway_leaves_file_unchanged_bad_flow(small_fs) -
     """statvfs says there is room, fallocate finds out there is not (ext4 grows the file as far as it got)."""
     root, _ = small_fs
     before = _make_file(root / "f")
-    plenty = types.SimpleNamespace(f_bfree=1 << 40, f_frsize=4096)
+    plenty = cast(os.statvfs_result, types.SimpleNamespace(f_bfree=1 << 40, f_frsize=4096))   # all it reads
     fd = os.open(root / "f", os.O_RDWR)
     try:
         with pytest.raises(ResourceExhausted, match="No space left on device") as info:

@@ -51,7 +51,7 @@ def sealed(stub, sid: str, path: str = "f", length: int = MIB) -> str:
 def code_of(call, *args) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call(*args)
-    return info.value.code(), info.value.details()
+    return info.value.code(), info.value.details() or ""
 
 
 # -- sessions -------------------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 import warnings
 from concurrent import futures
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -38,8 +39,11 @@ def _import_client_tls():
             raise
     # rdax.client's __init__ imports the RDMA session, hence pyverbs, which a dev host lacks;
     # client/tls.py itself needs only grpc, so load that one file.
-    folder = importlib.util.find_spec("rdax.client").submodule_search_locations[0]
+    package = importlib.util.find_spec("rdax.client")
+    assert package is not None and package.submodule_search_locations is not None
+    folder = package.submodule_search_locations[0]
     spec = importlib.util.spec_from_file_location("rdax.client.tls", os.path.join(folder, "tls.py"))
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
@@ -65,14 +69,15 @@ class Probe:
         health_servicer = health.HealthServicer()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
-        handler = grpc.unary_unary_rpc_method_handler(self._whoami)
+        handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._whoami)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("rdax.test.Probe",
                                                                                      {"WhoAmI": handler}),))
         self.port = self.server.add_secure_port("127.0.0.1:0", tls.credentials())
         self.server.start()
 
     def _whoami(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        auth = context.auth_context()
+        # (The stubs say Mapping[str, bytes], with a FIXME: gRPC gives a list of bytes per key.)
+        auth = cast("dict[str, list[bytes]]", context.auth_context())
         peer = identity_from_auth_context(auth)
         answer = {"name": peer.name if peer else None, "not_after": peer.not_after if peer else None,
                   "tls_version": b"".join(auth.get("ssl_tls_version", [])).decode()}
@@ -115,8 +120,9 @@ def whoami(port: int, tls, server_name: str | None = None) -> dict:
 
 def whoami_fails(port: int, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
     with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=OWN_CONNECTIONS) as ch:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(WHOAMI)
         with pytest.raises(grpc.RpcError) as caught:
-            ch.unary_unary(WHOAMI)(b"", timeout=5)
+            call(b"", timeout=5)
     return caught.value.code()
 
 
@@ -388,7 +394,9 @@ def _handshake(port: int, tls, maximum: ssl.TLSVersion | None = None) -> tuple[s
                 context.set_ciphers("DEFAULT:@SECLEVEL=0")  # else OpenSSL 3 itself refuses to offer TLS 1.1
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
-            return conn.version(), conn.cipher()[0]
+            version, cipher = conn.version(), conn.cipher()
+            assert version is not None and cipher is not None   # (None only before the handshake)
+            return version, cipher[0]
 
 
 def _install(pki: Pki, live: Path) -> None:
@@ -418,4 +426,4 @@ def _self_signed(common_name: str | None, sans: list[x509.GeneralName]) -> bytes
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
