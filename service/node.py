@@ -3,6 +3,9 @@
 # grants.py, the revocation order and lease-break watching revocation.py,
 # sessions, their events and QP teardown sessions.py. This module keeps the
 # tables and the rules that join them: who may do what, and what goes when.
+# The tables change under one lock; nothing slow happens under it: memory
+# registration, deregistration and letting files go run outside it (NodeLock),
+# FIEMAP and msync under each seal's own io_lock.
 from __future__ import annotations
 
 import asyncio
@@ -34,6 +37,10 @@ from .sessions import AsyncFollower, ChannelCloser, Event, EventKind, Session, c
 log = logging.getLogger("rdax.service")
 
 LEASE_BREAK_REASON = "lease break: another process opened or truncated the file"
+# The audit's share of a CPU while it runs: after each slice of work it sleeps for the rest, so that requests get
+# the GIL and the CPU. Unpaced, a pass over 1000 seals (0.4 s in the lab) doubled Grant's p50 while it ran.
+AUDIT_DUTY = 0.5
+AUDIT_SLICE_SECONDS = 0.002
 _ENDED_SESSIONS_KEPT = 1024   # how many ended session ids are remembered, for helpful NOT_FOUND messages
 MAX_FILE_BYTES = (1 << 63) - 4096   # off_t is signed 64-bit; beyond it the kernel calls fail before any filesystem
 ANONYMOUS = "anonymous"       # every caller of a node started with --insecure
@@ -50,6 +57,77 @@ class Usage:
     sessions: int = 0
     sealed_bytes: int = 0      # the lengths of the seals its sessions hold, once per hold
     watch_streams: int = 0
+
+
+class NodeLock:
+    """The node's one lock (reentrant), and the slow work decided under it but done after it.
+
+    A revocation changes the tables under the lock and queues the rest — deregistering regions, letting files go,
+    telling holders — with after(): the thread that queued it runs it as soon as it lets go of its outermost hold,
+    in the order queued, before its call returns. Other calls wait for the bookkeeping, never for N
+    deregistrations. Work queued after() must never wait for another thread's queued work (it would deadlock):
+    whoever finishes last does what comes next instead (Node._settle).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._local = threading.local()   # .depth: this thread's holds; .after: its queued work
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        return True
+
+    def release(self) -> None:
+        self._release(raise_errors=True)
+
+    def __enter__(self) -> "NodeLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # An exception on its way out is the caller's answer: the queued work's own failures are only logged then.
+        self._release(raise_errors=exc_type is None)
+
+    def after(self, work: Callable[[], None]) -> None:
+        """Run `work` once this thread lets go of the lock (it holds it now)."""
+        if not getattr(self._local, "depth", 0):
+            raise RuntimeError("NodeLock.after() without holding the lock")
+        if not hasattr(self._local, "after"):
+            self._local.after = []
+        self._local.after.append(work)
+
+    def _release(self, raise_errors: bool) -> None:
+        self._local.depth -= 1
+        if self._local.depth:
+            self._lock.release()
+            return
+        work: list[Callable[[], None]] = getattr(self._local, "after", [])
+        self._local.after = []
+        self._lock.release()
+        failed: Exception | None = None
+        for item in work:   # every item runs, even if one before it failed: they are steps of revocations
+            try:
+                item()
+            except Exception as exc:
+                if failed is not None or not raise_errors:
+                    log.exception("work queued under the node's lock failed")
+                failed = failed or exc
+        if failed is not None and raise_errors:
+            raise failed
+
+    # What threading.Condition uses: a wait lets go of every hold (the queued work stays queued) and takes them back.
+    def _is_owned(self) -> bool:
+        return bool(getattr(self._local, "depth", 0))
+
+    def _release_save(self) -> tuple[object, int]:
+        depth, self._local.depth = self._local.depth, 0
+        return self._lock._release_save(), depth   # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: tuple[object, int]) -> None:
+        self._lock._acquire_restore(state[0])   # type: ignore[attr-defined]
+        self._local.depth = state[1]
 
 
 class OpenedSession:
@@ -95,12 +173,20 @@ class Node:
         self.extend_reserve = extend_reserve
         self.limits = limits
         self._root_fd = os.open(export_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._lock = threading.RLock()
+        self._lock = NodeLock()
         # One Seal at a time per path (never per node: preparing a large file must not hold up other paths),
         # so that a path is never opened twice.
         self._sealing_paths: dict[str, tuple[threading.Lock, int]] = {}
         self._seals_in_progress = 0
-        self._no_seal_in_progress = threading.Condition(self._lock)
+        # Notified when a Seal in progress ends and when a revoked seal's file is let go.
+        self._quiet = threading.Condition(self._lock)   # type: ignore[arg-type]
+        # Revoked seals whose file is not let go yet, by path: a new Seal of the path opens it only after that.
+        self._letting_go: dict[str, revocation.Revocation] = {}
+        # Per session: regions of its PD outside the grant tables (Seal.unsettled), and Grants registering now
+        # (counted against its limits); an ended session's channel is closed once none is left (_settle).
+        self._pd_users: collections.Counter[str] = collections.Counter()
+        self._registering: collections.Counter[str] = collections.Counter()
+        self._closing: dict[str, Session] = {}
         self._usage: dict[str, Usage] = collections.defaultdict(Usage)
         self._by_identity: dict[str, dict[str, Session]] = {}   # identity -> its live sessions by id
         self._open_rate = TokenBucket(limits.node_open_session_rate, limits.node_open_session_burst, clock)
@@ -261,6 +347,10 @@ class Node:
             existing = self._live_seal_by_path.get(relpath)   # sealed by someone else while we waited for the path
             if existing is not None:
                 return self._join(existing, self._session(session_id, identity), length)
+            # A revoked seal of this path lets its file go (lease, descriptor) once its last region is deregistered,
+            # just outside the lock: opening it before then would break our own lease.
+            while relpath in self._letting_go:
+                self._quiet.wait()
         # Slow (preallocation, zero-filling, fsync), so outside the node's lock; the path's lock keeps another
         # Seal of the same path from opening it meanwhile.
         try:
@@ -328,9 +418,10 @@ class Node:
 
     def _extend(self, session: Session, seal: Seal, new_length: int) -> SealInfo:
         # One Extend of a seal at a time (extend_lock). The slow part (zero-filling, fsync, FIEMAP) runs outside
-        # the node's lock under the seal's io_lock, and never takes the node's lock while holding io_lock: a
-        # revocation holds the node's lock while it waits for io_lock to unmap. It stops new grants first, which
-        # the preparation sees within a MiB: it undoes its work and lets go.
+        # the node's lock under the seal's io_lock, and never takes the node's lock while holding io_lock: nothing
+        # under the node's lock may wait behind a preparation. A revocation unmaps under io_lock too (outside the
+        # node's lock, revocation.py); it stops new grants first, which the preparation sees within a MiB: it undoes
+        # its work and lets go.
         with seal.extend_lock:
             with self._lock:
                 if seal.state != SEALED or seal.file is None:
@@ -383,7 +474,7 @@ class Node:
         else:
             del self._sealing_paths[relpath]
         self._seals_in_progress -= 1
-        self._no_seal_in_progress.notify_all()
+        self._quiet.notify_all()
 
     def _reserve_sealed_bytes(self, identity: str, rule: Rule, length: int) -> None:
         usage = self._usage[identity]
@@ -468,11 +559,17 @@ class Node:
     # -- grants ---------------------------------------------------------------
     def grant(self, session_id: str, seal_id: str, offset: int, length: int, access: int, *,
               identity: str = ANONYMOUS) -> GrantDescriptor:
-        """One memory region over exactly [offset, offset+length) of the seal, with exactly `access`, in the session's PD."""
+        """One memory region over exactly [offset, offset+length) of the seal, with exactly `access`, in the session's PD.
+
+        The region is registered outside the node's lock (it is slow: ibv_reg_mr), counted meanwhile in the seal's
+        `unsettled`, which keeps a revocation from letting the file go under it; back under the lock, the grant
+        enters the tables only if the seal, the session's hold and the policy still allow it, or else the region is
+        deregistered again (and the file let go, if a revocation was waiting for it).
+        """
         with self._lock:
             session = self._session(session_id, identity)
             seal = self._held_seal(session, seal_id)
-            if seal.file is not None and not seal.file.lease_intact():
+            if seal.state == SEALED and seal.file is not None and not seal.file.lease_intact():
                 # A break the watcher has not handled yet: no new grant on a file someone else is opening.
                 self._revoke(seal, LEASE_BREAK_REASON, EventKind.REVOKED)
             if seal.state != SEALED or not seal.accepting_grants:
@@ -480,32 +577,71 @@ class Node:
             check_access(access)
             check_range(offset, length, seal.length)
             rule = self.policy.check_grant(identity, seal.path, access)
-            if len(session.grants) >= self.max_grants_per_session:
+            # Grants being registered count: a burst of them must not get past the limits.
+            mine = len(session.grants) + self._registering[session.id]
+            if mine >= self.max_grants_per_session:
                 raise ResourceExhausted(
-                    f"session {session.handle} already holds {len(session.grants)} grants, this node's limit per "
+                    f"session {session.handle} already holds {mine} grants, this node's limit per "
                     f"session (--max-grants-per-session): release grants it no longer needs before asking for more")
-            held = sum(len(other.grants) for other in self._by_identity.get(identity, {}).values())
+            held = sum(len(other.grants) + self._registering[other.id]
+                       for other in self._by_identity.get(identity, {}).values())
             if held >= rule.quotas.max_grants:
                 raise ResourceExhausted(
                     f"identity {identity!r} already holds {held} grants, its quota (max_grants "
                     f"{rule.quotas.max_grants} in {self.policy.source}): release grants it no longer needs")
-            # Under the lock, so that a revocation cannot unmap the range between here and the table.
             remote_addr = seal.mapping.addr + offset
+            self._registering[session.id] += 1
+            self._unsettle(seal, session.id)   # the file stays mapped and leased until this region is settled
+        try:
             region = session.channel.register(remote_addr, length, access)
-            try:
+        except BaseException:
+            with self._lock:
+                self._registered(seal, session)   # nothing was registered: nothing to deregister
+            raise
+        with self._lock:
+            refused = self._grant_refused(seal, session, access)
+            if refused is None:
                 grant = self._new_grant(seal, session, offset, length, access, remote_addr, region)
-            except BaseException:
-                region.close()
-                raise
-            seal.grants[grant.id] = grant
-            session.grants[grant.id] = grant
-            log.info("granted %s [%d, %d) of %s to session %s as %s (rkey %#x)", access_label(access), offset,
-                     offset + length, seal.id, session.handle, grant.id, grant.rkey)
-            self.audit_log.event("grant", identity=identity, session=session.handle, seal=seal.id, path=seal.path,
-                                 grant=grant.id, offset=offset, length=length, access=access_label(access),
-                                 rkey=grant.rkey)
-            self.metrics.grants.inc()
-            return grant.descriptor(self.write_alignment)
+                seal.grants[grant.id] = grant
+                session.grants[grant.id] = grant
+                self._registered(seal, session)   # in the tables now: a revocation takes it from there
+                log.info("granted %s [%d, %d) of %s to session %s as %s (rkey %#x)", access_label(access), offset,
+                         offset + length, seal.id, session.handle, grant.id, grant.rkey)
+                self.audit_log.event("grant", identity=identity, session=session.handle, seal=seal.id,
+                                     path=seal.path, grant=grant.id, offset=offset, length=length,
+                                     access=access_label(access), rkey=grant.rkey)
+                self.metrics.grants.inc()
+                return grant.descriptor(self.write_alignment)
+        # Revoked, unsealed, ended or no longer allowed meanwhile: the region goes again, and only then may a
+        # revocation waiting for it let the file go.
+        revocation.close_region(region, f"a grant of session {session.handle} refused after registering")
+        with self._lock:
+            self._registered(seal, session)
+        raise refused
+
+    def _grant_refused(self, seal: Seal, session: Session, access: int) -> RdaxError | None:
+        """Why a grant whose region was registered outside the lock may not enter the tables after all; None: it may."""
+        if self._draining:
+            return Unavailable("the node is shutting down: open a session on another node or retry later")
+        if self._sessions.get(session.id) is not session:
+            return NotFound(f"session {session.handle} ended while its grant was being registered: open a new session")
+        if seal.state != SEALED or not seal.accepting_grants:
+            return FailedPrecondition(seal.revoked_message())
+        if session.id not in seal.holders:
+            return FailedPrecondition(f"session {session.handle} unsealed {seal.id} of {seal.path!r} while its grant "
+                                      f"was being registered: Seal the path again")
+        try:
+            self.policy.check_grant(session.identity, seal.path, access)   # a SIGHUP may have come meanwhile
+        except RdaxError as exc:
+            return exc
+        return None
+
+    def _registered(self, seal: Seal, session: Session) -> None:
+        """A registration outside the lock is over: its region is in the tables, or was never made, or is gone."""
+        self._registering[session.id] -= 1
+        if not self._registering[session.id]:
+            del self._registering[session.id]
+        self._settle(seal, [session.id])
 
     def release(self, session_id: str, grant_id: str, *, identity: str = ANONYMOUS) -> None:
         """Give a grant back: its region is deregistered (no epoch bump: nothing was taken from anyone)."""
@@ -515,7 +651,9 @@ class Node:
             if grant is None:
                 raise NotFound(f"grant {quote(grant_id, 64)!r} is not one of this session's: it was released, "
                                f"revoked or expired, or never existed; Grant again if you need access")
-            revocation.take_back(self._seals[grant.seal_id], [grant], self._sessions)
+            seal = self._seals[grant.seal_id]
+            revocation.take_out(seal, [grant], self._sessions)
+            self._take_back(seal, [grant])   # deregistered as the lock is let go, before this returns
             self.audit_log.event("release", identity=identity, session=session.handle, grant=grant.id)
             self.metrics.releases.inc()
 
@@ -551,16 +689,19 @@ class Node:
 
         The FIEMAP calls run outside the node's lock, each under its seal's io_lock (a seal busy with a Commit or
         an Extend is left for the next round), and without FIEMAP_FLAG_SYNC when the node maps with MAP_SYNC
-        (DAX): the audit then costs the data path nothing.
+        (DAX): the audit then costs the data path nothing. It is paced (AUDIT_DUTY): after every few milliseconds of
+        work it sleeps as long again, so that requests do not queue behind a pass for the GIL or the CPU.
         """
         self.metrics.audit_runs.inc()
         moved = []
         with self.metrics.audit_seconds.time():
             with self._lock:
                 live = [(seal, seal.length, seal.fingerprint) for seal in self._live_seal_by_path.values()]
+            busy = 0.0   # seconds of work since the last pause
             for seal, length, fingerprint in live:
                 if not seal.io_lock.acquire(blocking=False):
                     continue
+                started = time.monotonic()
                 try:
                     if seal.file is None:
                         continue
@@ -572,6 +713,10 @@ class Node:
                         why = f"block map no longer stable (FIEMAP audit): {exc}"
                 finally:
                     seal.io_lock.release()
+                    busy += time.monotonic() - started
+                    if busy >= AUDIT_SLICE_SECONDS:
+                        self._stop.wait(busy * (1 - AUDIT_DUTY) / AUDIT_DUTY)
+                        busy = 0.0
                 if why:
                     with self._lock:
                         if seal.state == SEALED and seal.length == length:
@@ -592,10 +737,10 @@ class Node:
                             if s.cert_not_after is not None and s.cert_not_after <= wall]:
                 self._end_session(session, EventKind.SESSION_EXPIRED,
                                   "session expired: the client's certificate expired; connect with a renewed one")
-            for seal in list(self._live_seal_by_path.values()):
+            # Grants have no time to live unless the node gives them one: no pass over every grant otherwise.
+            for seal in list(self._live_seal_by_path.values()) if self.grant_ttl_seconds is not None else ():
                 expired = [g for g in seal.grants.values() if g.expires_at is not None and g.expires_at <= now]
-                revocation.revoke_grants(seal, expired, f"grant expired after {self.grant_ttl_seconds} s",
-                                         self._sessions, self._unix_ms())
+                self._revoke_grants(seal, expired, f"grant expired after {self.grant_ttl_seconds} s")
                 if expired:
                     self.metrics.revocations.labels("grant expired").inc(len(expired))
             sessions = list(self._sessions.values())
@@ -641,9 +786,8 @@ class Node:
                     lost = [g for g in seal.grants.values() if g.session_id == session_id and g.access & ~allowed]
                     if lost:
                         self.metrics.revocations.labels("policy changed").inc(len(lost))
-                        revocation.revoke_grants(seal, lost, f"{why}: {session.identity!r} may no longer have "
-                                                 f"{access_label(lost[0].access)} on {seal.path!r}",
-                                                 self._sessions, self._unix_ms())
+                        self._revoke_grants(seal, lost, f"{why}: {session.identity!r} may no longer have "
+                                                        f"{access_label(lost[0].access)} on {seal.path!r}")
                         for grant in lost:
                             self.audit_log.event("revoke", identity=session.identity, session=session.handle,
                                                  grant=grant.id, seal=seal.id, reason=why)
@@ -661,10 +805,13 @@ class Node:
                 self._revoke(seal, reason, EventKind.SHUTDOWN)
             for session in list(self._sessions.values()):
                 self._end_session(session, EventKind.SHUTDOWN, reason)
+        # (the regions were deregistered and the files let go as the lock was let go, unless a Grant registering or
+        # another revocation deregistering has the last region of a seal: it lets that file go.)
+        with self._lock:
             # A Seal in progress holds its path's lock while it opens and leases a file; once
             # it is through (and has let the file go: we are draining), no lease is left.
-            while self._seals_in_progress:
-                self._no_seal_in_progress.wait()
+            while self._seals_in_progress or self._letting_go:
+                self._quiet.wait()
             os.close(self._root_fd)
         self._stop.set()
         self._reaper.join()
@@ -767,7 +914,7 @@ class Node:
             self._revoke(seal, reason, EventKind.REVOKED, notify=notify, truncate_to=seal.declared_size)
         else:
             theirs = [g for g in seal.grants.values() if g.session_id == session.id]
-            revocation.revoke_grants(seal, theirs, reason, self._sessions, self._unix_ms(), notify=notify)
+            self._revoke_grants(seal, theirs, reason, notify=notify)
         if session.id in seal.holders:
             self._usage[session.identity].sealed_bytes -= seal.length
         seal.holders.pop(session.id, None)
@@ -777,28 +924,95 @@ class Node:
 
     def _revoke(self, seal: Seal, reason: str, kind: EventKind, *, notify: bool = True,
                 truncate_to: int | None = None) -> None:
+        """Revoke the seal in the safe order (revocation.py): the tables change now; its regions are deregistered and
+        its file let go as this thread lets go of the lock (or, if a Grant is registering over it, once that one is
+        deregistered)."""
         if seal.state != SEALED:
             return
         if self._seal_watcher is not None and seal.file is not None:
             self._seal_watcher.unwatch(seal.file.fd)
         self._seal_by_key.pop(seal.watch_key, None)
-        with self.metrics.revocation_seconds.time():
-            revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify,
-                                   truncate_to=truncate_to)
+        holders = [self._sessions[h].handle for h in seal.holders if h in self._sessions]
+        revoked, grants = revocation.revoke_seal(seal, reason, kind, self._sessions, self._unix_ms(), notify=notify,
+                                                 truncate_to=truncate_to)
+        self._letting_go[seal.path] = revoked
         self.metrics.revocations.labels(_cause(reason)).inc()
         if self._live_seal_by_path.get(seal.path) is seal:
             del self._live_seal_by_path[seal.path]
-        self.audit_log.event("revoke", seal=seal.id, path=seal.path, epoch=seal.epoch, reason=reason,
-                             holders=[self._sessions[h].handle for h in seal.holders if h in self._sessions])
+        self.audit_log.event("revoke", seal=seal.id, path=seal.path, epoch=seal.epoch, reason=reason, holders=holders)
+        self._take_back(seal, grants)
+        self._settle(seal, [])   # no region at all over it: let it go now
+
+    def _revoke_grants(self, seal: Seal, grants: list[Grant], reason: str, *, notify: bool = True) -> None:
+        """Revoke some grants of a live seal: out of the tables now, deregistered as the lock is let go, then their
+        holders told."""
+        notices = revocation.revoke_grants(seal, grants, reason, self._sessions, self._unix_ms(), notify=notify)
+        self._take_back(seal, grants, notices)
+
+    def _take_back(self, seal: Seal, grants: list[Grant], notices: revocation.Notices | None = None) -> None:
+        """Grants taken out of the tables (under the lock): deregister their regions just after the lock, then publish
+        `notices`. Until then they count in the seal's `unsettled` and in their sessions' PDs."""
+        if not grants:
+            return
+        owners = [g.session_id for g in grants]
+        seal.unsettled += len(owners)
+        self._pd_users.update(owners)
+
+        def deregister() -> None:
+            revocation.deregister(grants)
+            with self._lock:
+                self._settle(seal, owners)
+            revocation.publish(notices or [])
+        self._lock.after(deregister)
+
+    def _unsettle(self, seal: Seal, session_id: str) -> None:
+        """One more region over the seal's mapping outside the tables (registering, or awaiting deregistration)."""
+        seal.unsettled += 1
+        self._pd_users[session_id] += 1
+
+    def _settle(self, seal: Seal, session_ids: list[str]) -> None:
+        """Regions outside the tables are deregistered or in the tables now, one per session id in `session_ids`.
+        Whoever settles the last region over a revoked seal lets its file go, and the last of an ended session's
+        PD closes its channel: no thread ever waits for another's queued work."""
+        seal.unsettled -= len(session_ids)
+        for session_id, count in collections.Counter(session_ids).items():
+            self._pd_users[session_id] -= count
+            if self._pd_users[session_id]:
+                continue
+            del self._pd_users[session_id]
+            ended = self._closing.pop(session_id, None)
+            if ended is not None:
+                self._closer.close_later(ended.channel, f"session {ended.handle}")
+        revoked = self._letting_go.get(seal.path)
+        if seal.unsettled or revoked is None or revoked.seal is not seal or revoked.letting_go:
+            return
+        revoked.letting_go = True
+        self._lock.after(lambda: self._let_go(revoked))
+
+    def _let_go(self, revoked: revocation.Revocation) -> None:
+        """Steps 3 and 4 of a revocation, outside the lock: no region over the seal's mapping is left."""
+        try:
+            revocation.let_go(revoked)
+        finally:
+            self.metrics.revocation_seconds.observe(time.monotonic() - revoked.started)
+            with self._lock:
+                if self._letting_go.get(revoked.seal.path) is revoked:
+                    del self._letting_go[revoked.seal.path]
+                self._quiet.notify_all()
 
     def _end_session(self, session: Session, kind: EventKind | None, reason: str) -> None:
         """Revoke the session's grants, drop its holds, end its Watch streams, and queue its QP and PD for teardown."""
         grant_ids = tuple(session.grants)
         for seal_id in list(session.seal_ids):
             self._drop_hold(self._seals[seal_id], session, reason, notify=False)
-        if kind is not None:
-            session.events.publish(Event(kind, "", grant_ids, reason, 0, self._unix_ms()))
-        session.events.end()
+        last = None if kind is None else Event(kind, "", grant_ids, reason, 0, self._unix_ms())
+
+        def end_events() -> None:
+            # After the lock, like the revocations' notices queued above: those come first, then this, then the end.
+            if last is not None:
+                session.events.publish(last)
+            session.events.end()
+        self._lock.after(end_events)
         del self._sessions[session.id]
         mine = self._by_identity.get(session.identity, {})
         mine.pop(session.id, None)
@@ -808,7 +1022,12 @@ class Node:
         self._ended[session.id] = (session.identity, reason)
         while len(self._ended) > _ENDED_SESSIONS_KEPT:
             self._ended.popitem(last=False)
-        self._closer.close_later(session.channel, f"session {session.handle}")
+        # The PD goes once no region of it is left: its grants are deregistered as the lock is let go, and a Grant
+        # registering in it now deregisters its region when it finds the session ended (_settle closes it then).
+        if self._pd_users[session.id]:
+            self._closing[session.id] = session
+        else:
+            self._closer.close_later(session.channel, f"session {session.handle}")
         log.info("session %s of %s (client %r) ended: %s", session.handle, session.identity,
                  quote(session.client_id, 64), reason)
         self.audit_log.event("session_closed", identity=session.identity, session=session.handle, reason=reason)

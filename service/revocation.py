@@ -1,80 +1,134 @@
-"""Revocation: taking grants back in the order that keeps clients out, and turning lease breaks (SIGIO) into revocations."""
+"""Revocation: taking grants back in the order that keeps clients out, and turning lease breaks (SIGIO) into revocations.
+
+A seal's revocation is decided under the node's lock and carried out after it, so that no other call waits for
+its slow steps (deregistering N regions, unmapping, closing). The order is what makes it safe:
+
+1. under the node's lock (revoke_seal): no new grants on the seal; its grants leave the tables; the record says
+   REVOKED at epoch + 1, so descriptors from before are recognisably stale;
+2. just after the lock, on the same thread (deregister): every region that left the tables is deregistered, and
+   so is any region a Grant was registering meanwhile (it finds the seal revoked when it comes back for the
+   lock, and deregisters its own). From here a remote access through any of the seal's rkeys fails
+   (IBV_WC_REM_ACCESS_ERR): no packet lands (a write in flight may have landed in part, inside its range: README,
+   "When a seal breaks");
+3. only once the last of those regions is deregistered (Seal.unsettled is 0), whoever deregistered it lets the
+   file go (let_go): unmap, set a declared size, release the lease, close. Only now may the breaker touch the
+   file: no client can reach it;
+4. every holder is told (Watch).
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
+import time
 from typing import Callable, Iterable, Mapping
 
+from .fabric_api import Region
 from .grants import Grant
 from .seals import REVOKED, Seal
 from .sessions import Event, EventKind, Session
 
 log = logging.getLogger("rdax.service")
 
+Notices = list[tuple[Session, Event]]   # events to publish once the regions they announce are deregistered
+
+
+@dataclasses.dataclass(eq=False)
+class Revocation:
+    """A seal revoked under the node's lock whose file is still to be let go (step 3), and whom to tell (step 4)."""
+
+    seal: Seal
+    reason: str
+    grants: int
+    truncate_to: int | None
+    notices: Notices
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    letting_go: bool = False   # step 3 is queued: once only
+
 
 def revoke_seal(seal: Seal, reason: str, kind: EventKind, sessions: Mapping[str, Session], unix_ms: int,
-                *, notify: bool = True, truncate_to: int | None = None) -> None:
-    """Revoke every grant of `seal` and let its file go; the record stays (REVOKED) until every holder unseals it.
-
-    The order is what makes it safe; the caller holds the node's lock.
-    """
-    seal.accepting_grants = False                  # 1. no new grants on the seal
+                *, notify: bool = True, truncate_to: int | None = None) -> tuple[Revocation, list[Grant]]:
+    """Step 1 of revoking `seal` (the caller holds the node's lock): the grants it took out of the tables, whose
+    regions the caller deregisters as soon as it lets go of the lock (step 2), and the Revocation whose file is let go
+    after them (let_go). The record stays (REVOKED) until every holder unseals it."""
+    seal.accepting_grants = False                  # no new grants; a registration in flight stays out of the tables
     grants = list(seal.grants.values())
-    take_back(seal, grants, sessions)              # 2. deregister every region: from here a remote access through
-                                                   #    any of its rkeys fails (IBV_WC_REM_ACCESS_ERR): no packet
-                                                   #    lands from here on (a write in flight may have landed in
-                                                   #    part, inside its range: README, "When a seal breaks")
-    seal.close_file(truncate_to)                   # 3. unmap, set a declared size, release the lease, close: only
-                                                   #    now may the breaker touch the file, no client can reach it
-    seal.epoch += 1                                # 4. descriptors from before are recognisably stale
+    take_out(seal, grants, sessions)
+    seal.epoch += 1                                # descriptors from before are recognisably stale
     seal.state = REVOKED
     seal.revoked_reason = reason
-    if notify:
-        _notify(seal, seal.holders, grants, reason, kind, sessions, unix_ms)   # 5. tell every holder
-    log.info("revoked seal %s of %r at epoch %d (%d grants): %s", seal.id, seal.path, seal.epoch, len(grants), reason)
+    notices = _notices(seal, seal.holders, grants, reason, kind, sessions, unix_ms) if notify else []
+    return Revocation(seal, reason, len(grants), truncate_to, notices), grants
 
 
 def revoke_grants(seal: Seal, grants: list[Grant], reason: str, sessions: Mapping[str, Session], unix_ms: int,
-                  *, notify: bool = True) -> None:
-    """Revoke some grants of a seal that stays (a holder unsealed, a grant expired); bump the epoch, tell their owners."""
+                  *, notify: bool = True) -> Notices:
+    """Revoke some grants of a seal that stays (a holder unsealed, a grant expired): out of the tables, epoch bumped
+    (the caller holds the node's lock); the caller deregisters their regions, then publishes the notices."""
     if not grants:
-        return
-    take_back(seal, grants, sessions)
+        return []
+    take_out(seal, grants, sessions)
     seal.epoch += 1
-    if notify:
-        _notify(seal, dict.fromkeys(g.session_id for g in grants), grants, reason, EventKind.REVOKED, sessions,
-                unix_ms)
+    if not notify:
+        return []
+    return _notices(seal, dict.fromkeys(g.session_id for g in grants), grants, reason, EventKind.REVOKED, sessions,
+                    unix_ms)
 
 
-def take_back(seal: Seal, grants: Iterable[Grant], sessions: Mapping[str, Session]) -> None:
-    """Deregister each grant's region and forget the grant, in the seal and in its session."""
+def take_out(seal: Seal, grants: Iterable[Grant], sessions: Mapping[str, Session]) -> None:
+    """Forget each grant, in the seal and in its session; its region stays registered until deregister()."""
     for grant in grants:
-        deregister(grant)
         seal.grants.pop(grant.id, None)
         owner = sessions.get(grant.session_id)
         if owner is not None:
             owner.grants.pop(grant.id, None)
 
 
-def deregister(grant: Grant) -> None:
-    # A failure is logged and the others still go: one grant left registered
+def deregister(grants: Iterable[Grant]) -> None:
+    """Deregister each grant's region (step 2), outside the node's lock."""
+    for grant in grants:
+        close_region(grant.region, f"grant {grant.id} (rkey {grant.rkey:#x})")
+
+
+def close_region(region: Region, what: str) -> None:
+    # A failure is logged and the others still go: one region left registered
     # must not keep the rest of a revocation from happening.
     try:
-        grant.region.close()
+        region.close()
     except Exception:
-        log.exception("deregistering the region of grant %s (rkey %#x) failed", grant.id, grant.rkey)
+        log.exception("deregistering the region of %s failed", what)
 
 
-def _notify(seal: Seal, session_ids: Iterable[str], grants: list[Grant], reason: str, kind: EventKind,
-            sessions: Mapping[str, Session], unix_ms: int) -> None:
+def let_go(revocation: Revocation) -> None:
+    """Steps 3 and 4, once no region over the seal's mapping is left (the caller holds no lock)."""
+    seal = revocation.seal
+    seal.close_file(revocation.truncate_to)   # unmap, set a declared size, release the lease, close
+    publish(revocation.notices)
+    log.info("revoked seal %s of %r at epoch %d (%d grants): %s", seal.id, seal.path, seal.epoch, revocation.grants,
+             revocation.reason)
+
+
+def publish(notices: Notices) -> None:
+    for session, event in notices:
+        session.events.publish(event)
+
+
+def _notices(seal: Seal, session_ids: Iterable[str], grants: list[Grant], reason: str, kind: EventKind,
+             sessions: Mapping[str, Session], unix_ms: int) -> Notices:
+    by_session: dict[str, list[str]] = {}   # one pass over the grants, under the node's lock
+    for grant in grants:
+        by_session.setdefault(grant.session_id, []).append(grant.id)
+    out = []
     for session_id in session_ids:
         session = sessions.get(session_id)
         if session is None:
             continue
-        theirs = tuple(g.id for g in grants if g.session_id == session_id)
+        # Now, under the lock: an access error from here on is a client that has not heard yet, not an attack.
         session.last_revoked_unix_ms = unix_ms
-        session.events.publish(Event(kind, seal.id, theirs, reason, seal.epoch, unix_ms))
+        out.append((session, Event(kind, seal.id, tuple(by_session.get(session_id, ())), reason, seal.epoch,
+                                   unix_ms)))
+    return out
 
 
 # -- lease breaks --------------------------------------------------------------

@@ -136,6 +136,8 @@ class Seal:
 
     `file` is None once the seal is revoked: its grants are deregistered and
     its file let go, but the record stays until every holder unseals it.
+    A revoked seal's file is let go outside the node's lock (revocation.py), so
+    code under that lock touches `file` only while the state is SEALED.
     """
 
     id: str
@@ -157,6 +159,9 @@ class Seal:
     # waits for at most a MiB of its zero-filling.
     io_lock: threading.Lock = field(default_factory=threading.Lock)
     extend_lock: threading.Lock = field(default_factory=threading.Lock)   # one Extend at a time
+    # Regions over the mapping that are not in `grants` (changed under the node's lock): registrations in flight,
+    # and regions taken out of the tables but not yet deregistered. A revoked seal's file is let go only at 0.
+    unsettled: int = 0
 
     @property
     def mapping(self) -> DaxMapping:
@@ -179,7 +184,7 @@ class Seal:
         if size > self.length:
             raise OutOfRange(f"size {size} is past the seal's length {self.length}: declare at most {self.length}, "
                              f"or seal a longer file")
-        if self.file is None:
+        if self.file is None or self.state != SEALED:
             raise FailedPrecondition(self.revoked_message())
         current = self.file.size()
         if current > self.length:
@@ -195,4 +200,5 @@ class Seal:
         return SealInfo(self.id, self.path, self.length, self.epoch, self.extent_count, self.fingerprint,
                         tuple(g.id for g in self.grants.values() if g.session_id == session_id),
                         session_id if holders[:1] == mine and mine else "", mine, self.state,
-                        self.revoked_reason, len(holders), self.file.size() if self.file is not None else 0)
+                        self.revoked_reason, len(holders),
+                        self.file.size() if self.file is not None and self.state == SEALED else 0)
