@@ -87,11 +87,11 @@ demo: proto lab
 	lab/run.sh 'bash lab/demo.sh'
 
 # One lab run, one report: perftest, rdax and the anchors (librpma, NFS v4.2 over RDMA) on the same rxe devices
-# (tests/bench/run.py, a 1200 s budget; the guest is stopped at 1500 s whatever happens), then the control plane
+# (tests/bench/run.py, a 1500 s budget; the guest is stopped at 1800 s whatever happens), then the control plane
 # on the host, then the plot.
 bench: proto lab
 	mkdir -p results
-	RDAX_LAB_TIMEOUT=1500 lab/run.sh 'python tests/bench/run.py --out results/bench.json'
+	RDAX_LAB_TIMEOUT=1800 lab/run.sh 'python tests/bench/run.py --budget 1500 --out results/bench.json'
 	$(PY) tests/bench/control_host.py results/bench.json
 	$(PY) tests/bench/plot.py results/bench.json results/bench.png
 

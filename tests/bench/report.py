@@ -318,6 +318,43 @@ def first_touch_lines(doc: dict) -> list[str]:
             f"{_f(perftest_bw(doc, MiB))})", *_table(["depth", "first pass", "second pass"], rows)]
 
 
+def scale_lines(doc: dict) -> list[str]:
+    """Scale of one node (tests/bench/scale.py): Grant against live grants, revocation, the audit."""
+    sc = doc.get("scale")
+    if not sc:
+        return []
+    ms = lambda row, k: _f(row[k] / 1000 if row and row.get(k) is not None else None, "{:.1f}")  # noqa: E731
+    rows = [[f"Grant, {n} live grants", ms(row, "p50"), ms(row, "p99"), ms(row, "node_p50"), ms(row, "node_p99"), ""]
+            for n, row in sc.get("grant_latency_us", {}).items()]
+    audit = sc.get("audit", {})
+    g = audit.get("grant_latency_us", {})
+    for label, key in (("audit running", "during_audit"), ("no audit", "idle")):
+        if g.get(key):
+            node, wait = g.get(f"node_{key}") or {}, g.get(f"lock_wait_{key}") or {}
+            rows.append([f"Grant, {g['seals']} seals, {label}", ms(g[key], "p50"), ms(g[key], "p99"),
+                         ms(node, "p50"), ms(node, "p99"), ms(wait, "max")])
+    rev = sc.get("revocation") or {}
+    for load, r in (rev.get("loads") or {}).items():
+        for label, key in (("during a revocation", "during"), ("around it", "outside")):
+            client, node = r.get(f"grant_{key}_us") or {}, r.get(f"node_grant_{key}_us") or {}
+            in_node, wait = r.get(f"in_node_grant_{key}_us") or {}, r.get(f"lock_wait_{key}_us") or {}
+            if client or in_node:
+                rows.append([f"Grant {label} ({load})", ms(client, "p50"), ms(client, "p99"),
+                             ms(in_node or node, "p50"), ms(in_node or node, "p99"), ms(wait, "max")])
+    lines = ["scale of one node, ms (Grant from the client over gRPC; node: inside node.grant, or the in-process "
+             "Grant probe during revocations under load 'busy'; lock wait: a thread taking the node's lock every 2 ms)",
+             *_table(["what", "p50", "p99", "node p50", "node p99", "lock wait max"], rows)]
+    for load, r in (rev.get("loads") or {}).items():
+        open_ms, node_ms = r.get("breaker_open_ms") or {}, r.get("node_revocation_ms") or {}
+        lines.append(f"  revocation ({load}), 1 seal, {rev.get('sessions')} sessions, {rev.get('grants')} grants, "
+                     f"{r.get('trials')} trials: breaker's open() p50 {_f(open_ms.get('p50'))} ms (max "
+                     f"{_f(open_ms.get('max'))}), node p50 {_f(node_ms.get('p50'))} ms (goal <= 100 ms)")
+    passes = audit.get("pass_ms", {})
+    if passes:
+        lines.append("  audit pass: " + ", ".join(f"{n} seals {_f(p.get('p50'))} ms" for n, p in passes.items()))
+    return lines
+
+
 def ratio_lines(doc: dict) -> list[str]:
     r = doc.get("ratios", {})
     keys = ["write_bw_ge_256k", "write_bw_4k", "write_flush_lat_4k_p50", "write_flush_lat_4k_p50_vs_round_trip"]
@@ -326,7 +363,8 @@ def ratio_lines(doc: dict) -> list[str]:
 
 def table(doc: dict) -> str:
     sections = [bandwidth_lines(doc), first_touch_lines(doc), latency_lines(doc), registration_lines(doc),
-                memory_lines(doc), control_lines(doc), versus_lines(doc), ratio_lines(doc)]
+                memory_lines(doc), control_lines(doc), scale_lines(doc), versus_lines(doc), ratio_lines(doc)]
+    sections = [s for s in sections if s]
     if doc.get("problems"):
         sections.append(["problems", *[f"  {p}" for p in doc["problems"]]])
     return "\n\n".join("\n".join(s) for s in sections)

@@ -14,7 +14,8 @@ Runs in the lab guest's root namespace and drives both sides itself:
    RDMA (knfsd/svcrdma, fio) run the same durable-write workloads in --blocks interleaved blocks; every ratio is
    the median of its per-block ratios; then the storage side's CPU per GiB during a put;
 3. rdax alone: Grant cost against size, node memory per session and per grant, control-plane latency and
-   throughput, a cProfile of the client loops.
+   throughput, revocation latency, the scale of one node (tests/bench/scale.py: Grant, revocation and the audit
+   against the work it holds), a cProfile of the client loops.
 4. Ratios to the perftest twins and to the anchors, results/bench.json, a plain table on stdout.
 
 Every step is bounded (--budget seconds in all; each call has its own timeout): a step that would not fit
@@ -43,6 +44,7 @@ from perftest import Perftest, Side, roce_v2_ipv4_gid_index  # noqa: E402
 from pki import client_env, make_pki, server_args  # noqa: E402  (the lab's mTLS material and policy)
 from report import attach_ratios, size_label, table  # noqa: E402
 import versus as versus_mod  # noqa: E402  (the anchors: librpma and NFS over RDMA)
+import scale as scale_mod  # noqa: E402  (scale of one node: Grant, revocation and audit against the work held)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -435,6 +437,17 @@ class Run:
                 except Exception as exc:  # noqa: BLE001
                     self.problems.note(f"versus: closing {s.name}: {exc}")
 
+    def scale(self) -> None:
+        """Scale of one node (tests/bench/scale.py): Grant latency with 1/100/1000 live grants, revocation of one seal
+        with 16 holders and 1000 grants, the audit with 1/100/1000 seals and Grant latency while it runs."""
+        if self.budget.left() < 240:
+            self.problems.note(f"scale skipped: out of time ({self.budget.left():.0f} s left)")
+            return
+        try:
+            self.doc["scale"] = scale_mod.measure(self.lab, self.logs, self.budget.left, self.problems.note)
+        except (scale_mod.ProcError, OSError, subprocess.SubprocessError) as exc:
+            self.problems.note(f"scale: {type(exc).__name__}: {exc}")
+
     def profile(self) -> None:
         prof = self.call("profile", self.secs * 4 + 30, seconds=self.secs)
         if prof:
@@ -445,6 +458,10 @@ class Run:
                                    for name, p in prof.items()}
             self.doc["profile"]["where"] = "cProfile in the client process (slows the loop down; read the shares)"
             self.doc["profile"]["full_text"] = str(self.logs / "profile.txt")
+
+
+# In the order they run; --only picks some.
+STEPS = ("bandwidth", "latency", "versus", "registration", "memory", "control_plane", "revocation", "scale", "profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=5,
                         help="interleaved blocks of rdax / librpma / NFS (0: no anchors; default %(default)s)")
     parser.add_argument("--put-mib", type=int, default=128, help="bytes of the CPU-per-GiB put (default %(default)s)")
+    parser.add_argument("--only", default="", help="comma-separated steps to run, e.g. 'scale' (default: all of "
+                        f"them: {', '.join(STEPS)}); perftest and rdax-server start only if a step needs them")
     args = parser.parse_args(argv)
 
     lab = dict(os.environ)
@@ -489,15 +508,20 @@ def main(argv: list[str] | None = None) -> int:
                   "size": "bytes"},
     }
     run = Run(doc, lab, args, budget, problems, logs)
+    steps = [s for s in args.only.split(",") if s] or list(STEPS)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        parser.error(f"--only: no step {', '.join(sorted(unknown))}; the steps are {', '.join(STEPS)}")
     try:
-        run.perftest_setup()
-        try:
-            run.rdax_setup()
-        except (RuntimeError, OSError, PeerError) as exc:
-            problems.note(f"rdax: {exc}")   # the perftest figures still come
-        for step in (run.bandwidth, run.latency, run.versus, run.registration, run.memory, run.control_plane,
-                     run.revocation, run.profile):
-            step()
+        if set(steps) & {"bandwidth", "latency"}:
+            run.perftest_setup()
+        if set(steps) - {"scale", "revocation"}:
+            try:
+                run.rdax_setup()
+            except (RuntimeError, OSError, PeerError) as exc:
+                problems.note(f"rdax: {exc}")   # the perftest figures still come
+        for step in steps:
+            getattr(run, step)()
     except PeerError:
         pass   # noted already: keep what there is
     except Exception as exc:  # noqa: BLE001 - keep whatever figures there are
@@ -513,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(doc))
     print(f"\nbench: wrote {out} in {doc['elapsed_s']:.0f} s")
+    if args.only:
+        return 0 if not problems else 1
     r = doc["ratios"]
     return 0 if all(r.get(k) is not None for k in ("write_bw_ge_256k", "write_bw_4k", "write_flush_lat_4k_p50")) else 1
 
