@@ -247,6 +247,11 @@ class Connection:
         rc = start(attr)
         while rc == ENOENT:   # as few steps as possible between polls
             spins += 1
+            if not spins & 0xF:
+                # Let whatever else is runnable on this CPU have it (it does nothing when nothing is): many client
+                # processes or threads waiting at once must not starve each other, the node beside them, or the
+                # kernel's own RDMA work (soft-RoCE runs on these CPUs). It releases the GIL too.
+                os.sched_yield()
             if not spins & 0x3FF:   # the clock only now and then: it costs as much as a poll
                 if self._abandoned is not None:
                     self._in_flight = self._unsignalled = 0

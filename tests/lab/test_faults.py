@@ -1,0 +1,94 @@
+"""Lab: faults on the node's side of a connection (issue 11 §2). A QP whose peer made remote access errors can
+take rxe a long time to destroy; the node must go on answering every other client at its normal pace meanwhile."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import Client, Server
+
+MiB = 1 << 20
+REM_ACCESS_ERR = 10
+WRITE, FLUSH = 1, 8
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+@pytest.fixture(scope="module")
+def node(lab, pki):
+    root = Path(lab["RDAX_DAX_MOUNT"]) / f"faults-{uuid.uuid4().hex[:8]}"
+    (root / "attacker").mkdir(parents=True)
+    server = Server(lab, root, 7500 + os.getpid() % 100, pki=pki)
+    yield server
+    server.stop()
+
+
+def log_time(line: str) -> float:
+    """A node log line's wall-clock time (seconds since the epoch)."""
+    m = STAMP.match(line)
+    assert m, line
+    return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def storage_qps(lab) -> int:
+    out = subprocess.run(["rdma", "-j", "res", "show"], capture_output=True, text=True, check=True).stdout
+    return next(int(r["qp"]) for r in json.loads(out) if r["ifname"] == lab["RDAX_STORAGE_DEV"])
+
+
+def test_qp_teardown_after_access_errors_does_not_stall_the_node_bad_flow(lab, node, pki):
+    probe = Client(lab, node.target, pki, "lab")
+    attacker = Client(lab, node.target, pki, "attacker")
+    try:
+        heartbeat = {"session_id": probe.session_id}
+        idle = probe.call("rpc_latency", method="Heartbeat", fields=heartbeat, count=30, pause=0.05)
+        assert idle["codes"] == {"OK": 30}, idle
+        idle_p50 = statistics.median(idle["ms"])
+        qps_before = storage_qps(lab)
+
+        own = attacker.call("open", name="f", path="attacker/teardown", length=MiB, access=WRITE | FLUSH)
+        assert own["ok"], own
+        # Past the end of its grant: a remote access error, the attacker's QP and the node's side of it fail.
+        r = attacker.call("raw_write", rkey=own["rkey"], remote_addr=own["remote_addr"] + MiB - 4096, length=8192,
+                          seed=3)
+        assert not r["ok"] and r["status"] == REM_ACCESS_ERR, r
+        broke_at = time.time()
+
+        # Heartbeats every 100 ms until the node has ended that session and destroyed its QP (or 90 s).
+        samples: list[tuple[float, float]] = []   # (wall-clock time sent, ms)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            sent = time.time()
+            r = probe.call("rpc", method="Heartbeat", fields=heartbeat)
+            assert r["code"] == "OK", r
+            samples.append((sent, r["ms"]))
+            if storage_qps(lab) <= qps_before and time.time() - broke_at > 3:
+                break
+            time.sleep(0.1)
+        qps_after = storage_qps(lab)
+    finally:
+        attacker.close()
+        probe.close()
+
+    log = Path(node.log.name).read_text().splitlines()
+    ended = [line for line in log if "QP in the error state" in line]
+    assert ended, "the node never noticed the attacker's failed QP"
+    ended_at = log_time(ended[-1])
+    slow = [line for line in log if "destroying the QP and PD of" in line and "took" in line]
+    destroyed_at = log_time(slow[-1]) if slow else ended_at
+    during = [ms for sent, ms in samples if ended_at <= sent <= destroyed_at + 0.5] or [ms for _, ms in samples]
+    print(f"idle heartbeat p50 {idle_p50:.1f} ms; QP of the attacker's session ended "
+          f"{ended_at - broke_at:.1f} s after the error, destroyed {destroyed_at - ended_at:.1f} s later "
+          f"({slow[-1].split('rdax.service: ')[-1] if slow else 'in under a second'}); heartbeats meanwhile: "
+          f"{len(during)}, p50 {statistics.median(during):.1f} ms, max {max(during):.1f} ms")
+    # The node's other clients are served at their normal pace while the QP is torn down.
+    assert statistics.median(during) <= 3 * idle_p50 + 20, (idle_p50, during)
+    assert max(during) < 1000 + 10 * idle_p50, (idle_p50, during)
+    # And the attacker's QP is gone in the end: the node is back to its QPs from before the attacker came.
+    assert qps_after <= qps_before, (qps_before, qps_after)
