@@ -59,6 +59,13 @@ class Usage:
     watch_streams: int = 0
 
 
+class _Holds(threading.local):
+    """One thread's holds of a NodeLock and the work it queued meanwhile."""
+
+    depth = 0
+    after: list[Callable[[], None]] | None = None
+
+
 class NodeLock:
     """The node's one lock (reentrant), and the slow work decided under it but done after it.
 
@@ -71,12 +78,12 @@ class NodeLock:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._local = threading.local()   # .depth: this thread's holds; .after: its queued work
+        self._local = _Holds()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if not self._lock.acquire(blocking, timeout):
             return False
-        self._local.depth = getattr(self._local, "depth", 0) + 1
+        self._local.depth += 1
         return True
 
     def release(self) -> None:
@@ -92,9 +99,9 @@ class NodeLock:
 
     def after(self, work: Callable[[], None]) -> None:
         """Run `work` once this thread lets go of the lock (it holds it now)."""
-        if not getattr(self._local, "depth", 0):
+        if not self._local.depth:
             raise RuntimeError("NodeLock.after() without holding the lock")
-        if not hasattr(self._local, "after"):
+        if self._local.after is None:
             self._local.after = []
         self._local.after.append(work)
 
@@ -103,11 +110,10 @@ class NodeLock:
         if self._local.depth:
             self._lock.release()
             return
-        work: list[Callable[[], None]] = getattr(self._local, "after", [])
-        self._local.after = []
+        work, self._local.after = self._local.after, None
         self._lock.release()
         failed: Exception | None = None
-        for item in work:   # every item runs, even if one before it failed: they are steps of revocations
+        for item in work or ():   # every item runs, even if one before it failed: they are steps of revocations
             try:
                 item()
             except Exception as exc:
@@ -119,7 +125,7 @@ class NodeLock:
 
     # What threading.Condition uses: a wait lets go of every hold (the queued work stays queued) and takes them back.
     def _is_owned(self) -> bool:
-        return bool(getattr(self._local, "depth", 0))
+        return bool(self._local.depth)
 
     def _release_save(self) -> tuple[object, int]:
         depth, self._local.depth = self._local.depth, 0
@@ -206,9 +212,13 @@ class Node:
         self._seal_by_key: dict[bytes, Seal] = {}
         self._seal_watcher = SealWatcher(self._on_seal_event) if watch_seals else None
         self.audit_seconds = audit_seconds
-        self._next_audit = clock() + audit_seconds
+        self._audit_now = threading.Event()   # lost fanotify events: audit at once
         self._reaper = threading.Thread(target=self._reap_forever, name="rdax-reaper", daemon=True)
         self._reaper.start()
+        # A thread of its own: a paced pass over many seals takes seconds, which must not hold up the reaper's
+        # lease and QP checks.
+        self._auditor = threading.Thread(target=self._audit_forever, name="rdax-audit", daemon=True)
+        self._auditor.start()
         self.metrics.watch(self)
 
     def state_counts(self) -> dict[str, int]:
@@ -590,6 +600,7 @@ class Node:
                     f"identity {identity!r} already holds {held} grants, its quota (max_grants "
                     f"{rule.quotas.max_grants} in {self.policy.source}): release grants it no longer needs")
             remote_addr = seal.mapping.addr + offset
+            policy = self.policy
             self._registering[session.id] += 1
             self._unsettle(seal, session.id)   # the file stays mapped and leased until this region is settled
         try:
@@ -599,7 +610,7 @@ class Node:
                 self._registered(seal, session)   # nothing was registered: nothing to deregister
             raise
         with self._lock:
-            refused = self._grant_refused(seal, session, access)
+            refused = self._grant_refused(seal, session, access, policy)
             if refused is None:
                 grant = self._new_grant(seal, session, offset, length, access, remote_addr, region)
                 seal.grants[grant.id] = grant
@@ -619,7 +630,7 @@ class Node:
             self._registered(seal, session)
         raise refused
 
-    def _grant_refused(self, seal: Seal, session: Session, access: int) -> RdaxError | None:
+    def _grant_refused(self, seal: Seal, session: Session, access: int, checked: Policy) -> RdaxError | None:
         """Why a grant whose region was registered outside the lock may not enter the tables after all; None: it may."""
         if self._draining:
             return Unavailable("the node is shutting down: open a session on another node or retry later")
@@ -630,10 +641,11 @@ class Node:
         if session.id not in seal.holders:
             return FailedPrecondition(f"session {session.handle} unsealed {seal.id} of {seal.path!r} while its grant "
                                       f"was being registered: Seal the path again")
-        try:
-            self.policy.check_grant(session.identity, seal.path, access)   # a SIGHUP may have come meanwhile
-        except RdaxError as exc:
-            return exc
+        if self.policy is not checked:   # a SIGHUP came meanwhile
+            try:
+                self.policy.check_grant(session.identity, seal.path, access)
+            except RdaxError as exc:
+                return exc
         return None
 
     def _registered(self, seal: Seal, session: Session) -> None:
@@ -677,7 +689,7 @@ class Node:
         """fanotify saw another process touch a sealed file (or lost events: key b'')."""
         self.metrics.fanotify_events.inc()
         if not key:
-            self.audit()
+            self._audit_now.set()
             return
         with self._lock:
             seal = self._seal_by_key.get(key)
@@ -814,7 +826,9 @@ class Node:
                 self._quiet.wait()
             os.close(self._root_fd)
         self._stop.set()
+        self._audit_now.set()
         self._reaper.join()
+        self._auditor.join()
         self._lease_watcher.stop()
         if self._seal_watcher is not None:
             self._seal_watcher.close()
@@ -1048,11 +1062,19 @@ class Node:
         while not self._stop.wait(interval):
             try:
                 self.reap()
-                if self._clock() >= self._next_audit:
-                    self._next_audit = self._clock() + self.audit_seconds
-                    self.audit()
             except Exception:
                 log.exception("reaping expired sessions and grants failed")
+
+    def _audit_forever(self) -> None:
+        while not self._stop.is_set():
+            self._audit_now.wait(self.audit_seconds)
+            self._audit_now.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.audit()
+            except Exception:
+                log.exception("the FIEMAP audit failed")
 
 
 _CAUSES = ("lease break", "seal broken", "extents changed", "block map", "unseal", "session", "policy changed",

@@ -19,6 +19,7 @@ from conftest import (
     is_leased,
     is_mapped,
     open_fds,
+    wait_until,
 )
 
 from rdax.service.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted, Unavailable
@@ -330,3 +331,18 @@ def test_node_lock_condition_wait_lets_go_of_every_hold() -> None:
             assert cond.wait_for(lambda: ready, WAIT)
         lock.after(lambda: ready.append(False))
     assert ready == [True, False]
+
+
+# -- the audit -----------------------------------------------------------------------
+def audit_runs(node: Node) -> float:
+    return node.metrics.registry.get_sample_value("rdax_audit_runs_total") or 0.0
+
+
+def test_audit_runs_on_its_own_thread_and_at_once_after_lost_events(make_node) -> None:
+    node = make_node(audit_seconds=1e9)   # never on its timer in this test
+    sid = session(node, "c")
+    node.seal(sid, "f", MIB, create=True)
+    assert audit_runs(node) == 0
+    node._on_seal_event(b"", 0, 0)   # fanotify lost events: the fanotify thread only asks for an audit
+    assert wait_until(lambda: audit_runs(node) == 1)
+    assert node.audit() == []   # and a pass finds nothing moved
