@@ -973,10 +973,12 @@ class Node:
         self._pd_users.update(owners)
 
         def deregister() -> None:
-            revocation.deregister(grants)
-            with self._lock:
-                self._settle(seal, owners)
-            revocation.publish(notices or [])
+            try:
+                revocation.deregister(grants)
+                with self._lock:
+                    self._settle(seal, owners)
+            finally:
+                revocation.publish(notices or [])   # promised: the holders' streams end only after these
         self._lock.after(deregister)
 
     def _unsettle(self, seal: Seal, session_id: str) -> None:
@@ -1022,10 +1024,9 @@ class Node:
         last = None if kind is None else Event(kind, "", grant_ids, reason, 0, self._unix_ms())
 
         def end_events() -> None:
-            # After the lock, like the revocations' notices queued above: those come first, then this, then the end.
-            if last is not None:
-                session.events.publish(last)
-            session.events.end()
+            # After the lock. The revocations' notices promised above (and any still being let go, decided earlier)
+            # come first, then this, then the end: the stream waits for them.
+            session.events.end(last)
         self._lock.after(end_events)
         del self._sessions[session.id]
         mine = self._by_identity.get(session.identity, {})

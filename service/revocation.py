@@ -103,15 +103,17 @@ def close_region(region: Region, what: str) -> None:
 def let_go(revocation: Revocation) -> None:
     """Steps 3 and 4, once no region over the seal's mapping is left (the caller holds no lock)."""
     seal = revocation.seal
-    seal.close_file(revocation.truncate_to)   # unmap, set a declared size, release the lease, close
-    publish(revocation.notices)
+    try:
+        seal.close_file(revocation.truncate_to)   # unmap, set a declared size, release the lease, close
+    finally:
+        publish(revocation.notices)   # promised: the holders' streams end only after these
     log.info("revoked seal %s of %r at epoch %d (%d grants): %s", seal.id, seal.path, seal.epoch, revocation.grants,
              revocation.reason)
 
 
 def publish(notices: Notices) -> None:
     for session, event in notices:
-        session.events.publish(event)
+        session.events.publish(event, promised=True)
 
 
 def _notices(seal: Seal, session_ids: Iterable[str], grants: list[Grant], reason: str, kind: EventKind,
@@ -126,6 +128,7 @@ def _notices(seal: Seal, session_ids: Iterable[str], grants: list[Grant], reason
             continue
         # Now, under the lock: an access error from here on is a client that has not heard yet, not an attack.
         session.last_revoked_unix_ms = unix_ms
+        session.events.promise()   # published once the regions are gone; the session's end waits for it
         out.append((session, Event(kind, seal.id, tuple(by_session.get(session_id, ())), reason, seal.epoch,
                                    unix_ms)))
     return out

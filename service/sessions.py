@@ -82,7 +82,12 @@ class Event:
 
 
 class EventStream:
-    """One session's events, fanned out to its Watch streams and kept in a backlog while nobody watches."""
+    """One session's events, fanned out to its Watch streams and kept in a backlog while nobody watches.
+
+    A revocation decides its notices under the node's lock but publishes them only once its regions are
+    deregistered and its file let go; the session may end meanwhile (its QP failed on the revoked rkey, the reaper
+    noticed). So a notice is promised when it is decided, and the end waits for every promised notice: a client
+    always learns which grant went and why before it learns that its session is over."""
 
     BACKLOG = 1024
 
@@ -91,27 +96,49 @@ class EventStream:
         self._inboxes: list[queue.SimpleQueue[object]] = []
         self._async_inboxes: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[object]]] = []
         self._backlog: collections.deque[Event] = collections.deque(maxlen=self.BACKLOG)
+        self._promised = 0            # notices decided and not yet published
+        self._ending = False          # end() was called: it happens once nothing promised is left
+        self._final: Event | None = None
         self._ended = False
 
-    def publish(self, event: Event) -> None:
+    def promise(self) -> None:
+        """A notice for this stream is decided: it will be published (publish(..., promised=True)) before the end."""
         with self._lock:
+            self._promised += 1
+
+    def publish(self, event: Event, *, promised: bool = False) -> None:
+        with self._lock:
+            if promised:
+                self._promised -= 1
             if self._ended:
                 return
-            if not self._inboxes and not self._async_inboxes:
-                # Nobody is watching: keep it, or a client that reconnects its Watch misses its recall.
-                self._backlog.append(event)
-            for inbox in self._inboxes:
-                inbox.put(event)
-            for loop, queue_ in self._async_inboxes:
-                _put_threadsafe(loop, queue_, event)
+            self._deliver(event)
+            if self._ending and not self._promised:
+                self._finish()
 
-    def end(self) -> None:
+    def end(self, final: Event | None = None) -> None:
+        """No more events after `final` (if any): now, or once every promised notice is published."""
         with self._lock:
-            self._ended = True
-            for inbox in self._inboxes:
-                inbox.put(_END)
-            for loop, queue_ in self._async_inboxes:
-                _put_threadsafe(loop, queue_, _END)
+            if self._ended or self._ending:
+                return
+            self._ending, self._final = True, final
+            if not self._promised:
+                self._finish()
+
+    def _deliver(self, item: object) -> None:
+        if isinstance(item, Event) and not self._inboxes and not self._async_inboxes:
+            # Nobody is watching: keep it, or a client that reconnects its Watch misses its recall.
+            self._backlog.append(item)
+        for inbox in self._inboxes:
+            inbox.put(item)
+        for loop, queue_ in self._async_inboxes:
+            _put_threadsafe(loop, queue_, item)
+
+    def _finish(self) -> None:
+        if self._final is not None:
+            self._deliver(self._final)
+        self._ended = True
+        self._deliver(_END)
 
     def subscribe_async(self, loop: asyncio.AbstractEventLoop) -> "AsyncFollower":
         """Subscribe an asyncio consumer (a Watch stream that holds no thread while it waits)."""

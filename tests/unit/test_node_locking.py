@@ -27,7 +27,7 @@ from rdax.service.fabric_api import Endpoint
 from rdax.service.grants import ACCESS_READ, ACCESS_WRITE, GrantDescriptor
 from rdax.service.node import Node, NodeLock
 from rdax.service.policy import Policy
-from rdax.service.sessions import EventKind
+from rdax.service.sessions import Event, EventKind, EventStream
 
 RW = ACCESS_WRITE | ACCESS_READ
 WAIT = 10.0   # seconds: a test that needs longer is stuck
@@ -156,6 +156,43 @@ def test_revoke_during_registration_lets_the_file_go_after_the_region_race(node:
     assert info.grant_ids == () and node.stat(sid, seal).grant_ids == ()   # never in the tables
     event = next(events)
     assert event.kind == EventKind.REVOKED and event.grant_ids == () and event.reason == "test says so"
+
+
+def test_session_ended_while_a_revocation_lets_go_still_tells_why_race(node: Node, fabric: GatedFabric) -> None:
+    """The CI failure of stop 16: a client wrote through its revoked rkey, its QP failed, and the reaper ended its
+    session while the revocation was still letting the file go. The notice was published after the stream had
+    ended and was lost: the client never learned which grant went, or why."""
+    sid, other = session(node, "c"), gated_session(node, fabric, "g")
+    seal = node.seal(sid, "f", MIB, create=True).seal_id
+    node.seal(other, "f", MIB)
+    grant = node.grant(sid, seal, 0, PAGE, RW)
+    events = node.watch(sid, poll_seconds=0.01)
+    pending = slow_grant(node, fabric, other, seal)   # holds the file: the revocation lets it go after this region
+    node.revoke(seal, "lease break")
+    fabric.channels[0].broken = True   # the client's write through the old rkey failed its QP
+    node.reap()                        # the session ends before the revocation has told it anything
+    fabric.gate.set()
+    assert pending.done() and isinstance(pending.error, FailedPrecondition)
+    got = Call(lambda: list(events))
+    assert got.done(), "the session's Watch stream did not end"
+    kinds = [(e.kind, e.grant_ids) for e in got.result]   # type: ignore[attr-defined]
+    assert kinds == [(EventKind.REVOKED, (grant.grant_id,)), (EventKind.SESSION_ENDED, ())], kinds
+    assert got.result[0].reason == "lease break" and got.result[0].epoch == 2   # type: ignore[index]
+
+
+def test_event_stream_end_waits_for_promised_notices_in_order() -> None:
+    stream = EventStream()
+    inbox = stream.follow(lambda: True, 0.01)
+    notice = Event(EventKind.REVOKED, "s", ("g",), "why", 2, 0)
+    final = Event(EventKind.SESSION_ENDED, "", (), "over", 0, 0)
+    stream.promise()
+    stream.end(final)
+    stream.publish(Event(EventKind.EXTENDED, "s", (), "grew", 1, 0))   # still delivered: the end waits
+    stream.publish(notice, promised=True)
+    stream.publish(notice)   # after the end: dropped
+    assert [e.kind for e in inbox] == [EventKind.EXTENDED, EventKind.REVOKED, EventKind.SESSION_ENDED]
+    late = stream.follow(lambda: True, 0.01)
+    assert list(late) == []   # a stream subscribed after the end ends at once
 
 
 def test_seal_of_a_path_waits_for_the_revoked_file_to_be_let_go(node: Node, fabric: GatedFabric,
