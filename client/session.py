@@ -138,6 +138,8 @@ class Session:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND and not self._closed.is_set():
                     self._lose(exc.details() or "the node no longer knows this session")
+            except ValueError:   # "Cannot invoke RPC on closed channel": someone closed it under us; nothing to renew
+                return
 
     # -- control plane -------------------------------------------------------
     def seal(self, path: str, length: int, create: bool = True) -> pb.SealInfo:

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+import pyverbs.enums as e
 from pyverbs.device import Context
 from pyverbs.pd import PD
 from pyverbs.pyverbs_error import PyverbsError
@@ -36,8 +37,36 @@ def netdevs(name: str) -> set[str]:
     return found
 
 
+def first_netdev(name: str) -> str | None:
+    """The network device behind a device's first usable GID (soft-RoCE binds one netdev per device).
+
+    Not netdevs(): rxe's GID table has 1024 slots, and opening each slot's sysfs file took about a second of a
+    client's connect in the lab (several under load); the first readable slot is enough here."""
+    ndevs = f"{SYSFS}/{name}/ports/{PORT}/gid_attrs/ndevs"
+    for idx in sorted(os.listdir(ndevs), key=int) if os.path.isdir(ndevs) else ():
+        try:
+            with open(f"{ndevs}/{idx}") as f:
+                return f.read().strip()
+        except OSError:  # unused GID slots cannot be read
+            continue
+    return None
+
+
+def _gid_table(context: Context) -> dict[str, int]:
+    """IPv4 address -> GID index (IPv4-mapped RoCE v2 GIDs) of an open device: one ibv_query_gid_table call, where
+    the sysfs scan (_ipv4_gids) opens two files per slot of a 1024-slot table."""
+    found: dict[str, int] = {}
+    for entry in context.query_gid_table(context.query_port(PORT).gid_tbl_len):
+        if entry.port_num != PORT or entry.gid_type != e.IBV_GID_TYPE_ROCE_V2:
+            continue
+        addr = ipaddress.IPv6Address(entry.gid_str())
+        if addr.ipv4_mapped:
+            found.setdefault(str(addr.ipv4_mapped), entry.gid_index)
+    return found
+
+
 def _ipv4_gids(name: str) -> dict[str, int]:
-    """IPv4 address -> GID index (IPv4-mapped RoCE v2 GIDs) of a device."""
+    """IPv4 address -> GID index (IPv4-mapped RoCE v2 GIDs) of a device, from sysfs (no device opened)."""
     gids = f"{SYSFS}/{name}/ports/{PORT}/gids"
     found: dict[str, int] = {}
     for idx in sorted(os.listdir(gids), key=int) if os.path.isdir(gids) else ():
@@ -76,12 +105,14 @@ def local_device() -> str:
     """The one device whose netdev lives in this process's network namespace."""
     mine = set()
     for name in list_devices():
-        for ndev in netdevs(name):
-            try:
-                socket.if_nametoindex(ndev)   # resolves only in our own namespace
-                mine.add(name)
-            except OSError:
-                continue
+        ndev = first_netdev(name)
+        if ndev is None:
+            continue
+        try:
+            socket.if_nametoindex(ndev)   # resolves only in our own namespace
+            mine.add(name)
+        except OSError:
+            continue
     if len(mine) != 1:
         raise DeviceNotFound("local_device", {}, detail=f"{sorted(mine) or 'no'} device(s) with a netdev in this "
                                                         f"network namespace (all: {list_devices()}); name one")
@@ -103,21 +134,31 @@ class Device:
     gid: str = field(init=False)
 
     def __post_init__(self) -> None:
-        gids = _ipv4_gids(self.name)
-        if not gids:
-            raise DeviceNotFound("open_device", {"name": self.name},
-                                 detail="the device has no IPv4 RoCE v2 GID (is its netdev up with an address?)")
-        if self.ip is None:
-            self.ip = next(iter(gids))
-        if self.ip not in gids:
-            raise DeviceNotFound("open_device", {"name": self.name, "ip": self.ip},
-                                 detail=f"no GID for that IP (device has {sorted(gids)})")
-        self.gid_index = gids[self.ip]
         try:
             self.context = Context(name=self.name)
-            self.gid = str(self.context.query_gid(PORT, self.gid_index))
         except PyverbsError as exc:
             raise VerbsError("ibv_open_device", {"name": self.name}, detail=str(exc)) from exc
+        try:
+            try:
+                gids = _gid_table(self.context)
+            except PyverbsError:   # a provider without ibv_query_gid_table: the sysfs scan
+                gids = _ipv4_gids(self.name)
+            if not gids:
+                raise DeviceNotFound("open_device", {"name": self.name},
+                                     detail="the device has no IPv4 RoCE v2 GID (is its netdev up with an address?)")
+            if self.ip is None:
+                self.ip = next(iter(gids))
+            if self.ip not in gids:
+                raise DeviceNotFound("open_device", {"name": self.name, "ip": self.ip},
+                                     detail=f"no GID for that IP (device has {sorted(gids)})")
+            self.gid_index = gids[self.ip]
+            try:
+                self.gid = str(self.context.query_gid(PORT, self.gid_index))
+            except PyverbsError as exc:
+                raise VerbsError("ibv_query_gid", {"name": self.name}, detail=str(exc)) from exc
+        except BaseException:
+            self.context.close()
+            raise
 
     def alloc_pd(self) -> PD:
         try:

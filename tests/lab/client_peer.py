@@ -114,6 +114,45 @@ class ClientPeer:
         self.files.clear()
         return {"session_id": self.session.session_id}
 
+    def reconnect_sampled(self, keep_old: bool = True, every: float = 0.25) -> dict:
+        """reconnect(), timed, with the connecting thread's stack sampled every `every` s (a poor man's py-spy: the
+        guest has none): where a slow connect spends its time. keep_old: the old session's verbs objects are not
+        destroyed (as the soak's victims do), only its gRPC channel closed."""
+        import collections
+        import traceback
+
+        old = self.session
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                done["session"] = connect(self.target)
+            except Exception as exc:  # noqa: BLE001 - handed back below
+                done["error"] = exc
+        started = time.monotonic()
+        if keep_old:
+            old.channel.close()
+        else:
+            old.close()
+        closed_s = time.monotonic() - started
+        thread = threading.Thread(target=run, name="connect")
+        thread.start()
+        samples: collections.Counter[str] = collections.Counter()
+        while thread.is_alive():
+            thread.join(every)
+            frame = sys._current_frames().get(thread.ident or 0)
+            if frame is not None:
+                where = traceback.extract_stack(frame)[-3:]
+                samples[" <- ".join(f"{f.name}:{f.lineno}" for f in reversed(where))] += 1
+        took = time.monotonic() - started
+        if "error" in done:
+            raise done["error"]
+        self.session = done["session"]
+        self.session.on_revoke.append(self._on_revoke)
+        self.files.clear()
+        return {"close_s": round(closed_s, 2), "connect_s": round(took - closed_s, 2),
+                "samples": samples.most_common(8), "session_id": self.session.session_id}
+
     def events(self) -> dict:
         return {"events": self.seen, "lost": str(self.session.lost or "")}
 

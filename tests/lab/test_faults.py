@@ -92,3 +92,24 @@ def test_qp_teardown_after_access_errors_does_not_stall_the_node_bad_flow(lab, n
     assert max(during) < 1000 + 10 * idle_p50, (idle_p50, during)
     # And the attacker's QP is gone in the end: the node is back to its QPs from before the attacker came.
     assert qps_after <= qps_before, (qps_before, qps_after)
+
+
+def test_client_opens_a_new_session_promptly_after_its_qp_failed(lab, node, pki):
+    """Issue 11 §2: a client whose QP failed (a write met a revoked or out-of-range region) opens a new session and
+    writes again within seconds, not the ~50 s the soak's victims took."""
+    client = Client(lab, node.target, pki, "attacker")
+    try:
+        own = client.call("open", name="f", path="attacker/reconnect", length=MiB, access=WRITE | FLUSH)
+        assert own["ok"], own
+        r = client.call("raw_write", rkey=own["rkey"], remote_addr=own["remote_addr"] + MiB - 4096, length=8192,
+                        seed=4)
+        assert not r["ok"] and r["status"] == REM_ACCESS_ERR, r
+        again = client.call("reconnect_sampled", keep_old=True)
+        print(f"after the QP failed: new session in {again['connect_s']} s; where the time went: {again['samples']}")
+        assert again["ok"], again
+        assert again["connect_s"] < 10, again
+        own = client.call("open", name="g", path="attacker/reconnect-2", length=MiB, access=WRITE | FLUSH)
+        assert own["ok"], own
+        assert client.call("write", name="g", offset=0, length=65536, seed=5, flush=True)["ok"]
+    finally:
+        client.close()
