@@ -42,6 +42,12 @@ WC_STATUS = {
     23: "IBV_WC_TM_RNDV_INCOMPLETE",
 }
 REM_ACCESS_ERR = 10
+# Waiting for a completion: spin (yielding now and then) for SPIN_SECONDS, then nap between polls, from NAP_MIN
+# doubling to NAP_MAX. A 4 KiB write+FLUSH in the lab completes within the spin; a longer wait costs at most NAP_MAX
+# more, and gives the CPU to the node and other clients meanwhile (24 spinning soak clients slowed the node's
+# control plane to seconds).
+SPIN_SECONDS = 0.002
+NAP_MIN, NAP_MAX = 0.0001, 0.001
 SIGNALED = e.IBV_SEND_SIGNALED
 FLUSH_PERSISTENT, FLUSH_RANGE = e.IBV_FLUSH_PERSISTENT, e.IBV_FLUSH_RANGE
 QP_STATE = {e.IBV_QPS_RESET: "RESET", e.IBV_QPS_INIT: "INIT", e.IBV_QPS_RTR: "RTR",
@@ -90,6 +96,7 @@ class Connection:
         # requests would drain the pipeline at each completion).
         self.signal_every = max(1, min(signal_every, depth // 2))
         self.remote_access = remote_access
+        self.spin_seconds = SPIN_SECONDS
         self.psn = secrets.randbits(24)   # not `random`: an initial PSN an attacker can guess helps forge packets
         self._unsignalled = 0   # posted since the last signalled request
         self._in_flight = 0     # posted and not yet retired by a completion
@@ -243,7 +250,7 @@ class Connection:
         The extended CQ's start_poll reads a completion in place, with no WC
         object per completion: against CQ.poll that took a third off a write+
         flush in the lab (README.md, Benchmarks: "where the time went")."""
-        start, attr, spins, deadline = self.cq.start_poll, self._poll_attr, 0, None
+        start, attr, spins, deadline, nap = self.cq.start_poll, self._poll_attr, 0, None, 0.0
         rc = start(attr)
         while rc == ENOENT:   # as few steps as possible between polls
             spins += 1
@@ -252,16 +259,23 @@ class Connection:
                 # processes or threads waiting at once must not starve each other, the node beside them, or the
                 # kernel's own RDMA work (soft-RoCE runs on these CPUs). It releases the GIL too.
                 os.sched_yield()
-            if not spins & 0x3FF:   # the clock only now and then: it costs as much as a poll
+            if not spins & 0x3F:   # the clock only now and then: it costs as much as a poll
                 if self._abandoned is not None:
                     self._in_flight = self._unsignalled = 0
                     raise Abandoned(f"ibv_poll_cq[{verb}]", describe(), self._abandoned)
                 now = time.monotonic()
                 if deadline is None:
-                    deadline = now + timeout
+                    deadline, spin_until = now + timeout, now + self.spin_seconds
                 elif now > deadline:
                     raise VerbsError(f"ibv_poll_cq[{verb}]", describe(),
                                      detail=f"no completion within {timeout:.0f} s ({self._in_flight} in flight)")
+                elif now > spin_until:
+                    # A long wait (a big transfer, a slow peer): spinning on would only take the CPU from whoever
+                    # else needs it. Nap between polls instead, a little longer each time up to NAP_MAX, which
+                    # bounds what a wait can overshoot its completion by.
+                    nap = min(nap * 2 or NAP_MIN, NAP_MAX)
+                    time.sleep(nap)
+                    spins |= 0x3F   # look at the clock (and the abandon flag) after every nap
             rc = start(attr)
         if rc != 0:
             raise VerbsError(f"ibv_start_poll[{verb}]", describe(), detail=os.strerror(rc))
