@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,10 @@ class Connection:
         self._unsignalled = 0   # posted since the last signalled request
         self._in_flight = 0     # posted and not yet retired by a completion
         self._abandoned: str | None = None   # why waiting is pointless (the peer's QP is gone): see abandon()
+        # close() and state() may come from different threads (the node's reaper asks for the state of QPs that its
+        # teardown thread destroys): neither may run during the other.
+        self._teardown = threading.Lock()
+        self._closed = False
         try:
             self.cq = CQEX(device.context, CqInitAttrEx(cqe=depth * 2))
             self._poll_attr = PollCqAttr()
@@ -147,8 +152,22 @@ class Connection:
                                                  "dgid": remote.gid, "mtu": mtu}, detail=str(exc)) from exc
         self.mtu = mtu
 
-    def state(self) -> str:
-        attr, _ = self.qp.query(e.IBV_QP_STATE)
+    def state(self, timeout: float = -1) -> str:
+        """The QP's state (RESET, INIT, RTR, RTS, SQD, SQE, ERR); CLOSED once close() destroyed it, CLOSING if
+        close() is destroying it now and `timeout` (seconds, -1: no limit) ran out first.
+
+        From any thread: pyverbs' query of a destroyed QP passes NULL to ibv_query_qp, and the process dies of
+        SIGSEGV (the node did, when its reaper asked a session's QP for its state as the session closed)."""
+        if not self._teardown.acquire(timeout=timeout):
+            return "CLOSING"
+        try:
+            if self._closed:
+                return "CLOSED"
+            attr, _ = self.qp.query(e.IBV_QP_STATE)
+        except PyverbsError as exc:
+            raise VerbsError("ibv_query_qp", {"qpn": self.qp.qp_num}, detail=str(exc)) from exc
+        finally:
+            self._teardown.release()
         return QP_STATE.get(attr.qp_state, str(attr.qp_state))
 
     # -- posting --------------------------------------------------------------
@@ -416,14 +435,16 @@ class Connection:
 
     # -- teardown -------------------------------------------------------------
     def close(self) -> None:
-        for obj in (self.qp, self.cq):
-            try:
-                obj.close()
-            except PyverbsError:
-                pass
-        sge, self._sge = self._sge, None
-        if sge is not None:   # SGE.close() frees unconditionally: exactly once
-            sge.close()
+        with self._teardown:
+            self._closed = True
+            for obj in (self.qp, self.cq):
+                try:
+                    obj.close()
+                except PyverbsError:
+                    pass
+            sge, self._sge = self._sge, None
+            if sge is not None:   # SGE.close() frees unconditionally: exactly once
+                sge.close()
 
     def __enter__(self) -> Connection:
         return self

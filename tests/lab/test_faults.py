@@ -115,3 +115,40 @@ def test_client_opens_a_new_session_promptly_after_its_qp_failed(lab, node, pki)
         assert client.call("write", name="g", offset=0, length=65536, seed=5, flush=True)["ok"]
     finally:
         client.close()
+
+
+QUERY_WHILE_CLOSING = """
+import sys, threading
+from rdax.rdma import Connection, open_device
+dev = open_device(name=sys.argv[1])
+pd = dev.alloc_pd()
+conn = Connection(dev, pd)
+seen = []
+stop = threading.Event()
+def ask():
+    while not stop.is_set():
+        seen.append(conn.state(timeout=0))
+asker = threading.Thread(target=ask)
+asker.start()
+conn.close()
+after = conn.state()
+stop.set()
+asker.join()
+pd.close()
+dev.close()
+print(sorted(set(seen)), after)
+"""
+
+
+def test_qp_state_asked_while_and_after_the_qp_is_destroyed_bad_flow(lab):
+    """The node died of SIGSEGV at the end of a soak: its reaper asked a session's QP for its state (outside the
+    node's lock) just as the teardown thread destroyed it, and pyverbs passed a NULL QP to ibv_query_qp. A QP's
+    state asked during or after its destruction is CLOSING or CLOSED, never a crash."""
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", QUERY_WHILE_CLOSING, lab["RDAX_STORAGE_DEV"]], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    states, after = run.stdout.strip().rsplit(" ", 1)
+    assert after == "CLOSED", run.stdout
+    assert "RESET" in states, run.stdout   # asked while it lived, too

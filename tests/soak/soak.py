@@ -263,11 +263,54 @@ def threads_cpu(pid: int) -> dict[str, float]:
     return dict(sorted(((k, round(v, 2)) for k, v in out.items()), key=lambda kv: -kv[1])[:12])
 
 
+def start_profile(pid: int, seconds: float, logs: Path) -> subprocess.Popen:
+    """py-spy sampling the node (every thread, without pausing it) for `seconds` once the load is on."""
+    return subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
+                             "--nonblocking", "--threads", "--format", "raw", "--output", str(logs / "node-profile.txt")],
+                            stdout=subprocess.DEVNULL, stderr=open(logs / "py-spy.log", "w"))
+
+
+def finish_profile(profiler: subprocess.Popen, logs: Path, top: int = 25) -> dict:
+    """Where the node's samples fell: by thread, by own function (the leaf) and by function anywhere on the stack.
+    py-spy's raw format is one collapsed stack per line, `thread;frame;...;frame count`."""
+    import collections
+
+    try:
+        profiler.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+    path = logs / "node-profile.txt"
+    if not path.exists():
+        return {"error": (logs / "py-spy.log").read_text()[-500:]}
+    threads: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    anywhere: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n, frames = int(count), stack.split(";")
+        total += n
+        threads[frames[0].split(" (")[0].strip('"')] += n
+        own[frames[-1]] += n
+        for frame in set(frames[1:]):
+            anywhere[frame] += n
+
+    def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(k, round(v / total, 3)) for k, v in counter.most_common(top)]
+    return {"samples": total, "file": str(path), "threads": share(threads), "own": share(own),
+            "anywhere": share(anywhere)}
+
+
 def settle(node: Node, device: str, baseline: dict, timeout: float) -> dict:
     """Wait for the node's RDMA resources to come back to the baseline (QP teardown runs on a thread of its own
     and can take long after access errors); the last sample."""
     deadline = time.monotonic() + timeout
     while True:
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"the node exited with status {node.proc.returncode} during the soak; its log ends:\n"
+                               f"{node.text()[-1500:]}")
         s = node.sample(device)
         if all(s[k] <= baseline[k] for k in RES_KINDS) or time.monotonic() > deadline:
             return s
@@ -276,7 +319,8 @@ def settle(node: Node, device: str, baseline: dict, timeout: float) -> dict:
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(lab: dict, *, writers: int, victims: int, granters: int, sealers: int, seconds: float,
-        break_every: float, logs: Path, perftest: bool = True, port: int | None = None) -> dict:
+        break_every: float, logs: Path, perftest: bool = True, port: int | None = None,
+        profile_seconds: float = 0.0) -> dict:
     """One soak; returns the report (see module docstring and tests/soak/README.md)."""
     logs.mkdir(parents=True, exist_ok=True)
     pki = make_pki(Path("/run/rdax-lab-pki"), [lab["RDAX_STORAGE_IP"], "127.0.0.1"])
@@ -313,6 +357,7 @@ def run(lab: dict, *, writers: int, victims: int, granters: int, sealers: int, s
             w.proc.stdin.flush()
         breakers.until = t0 + seconds - 3
         breakers.start()
+        profiler = start_profile(node.pid, profile_seconds, logs) if profile_seconds else None
         for w in workers:
             wait_for(w, "done", seconds + 120)
         window = time.monotonic() - t0
@@ -327,6 +372,7 @@ def run(lab: dict, *, writers: int, victims: int, granters: int, sealers: int, s
         sampling.join()
         end = settle(node, device, start, 120)
         end["threads_cpu_s"] = threads_cpu(node.pid)
+        profile = finish_profile(profiler, logs) if profiler is not None else None
         checks = [check_writer(export, w.done) for w in workers if w.role == "writer"]
         node_alive = node.proc.poll() is None
     finally:
@@ -381,6 +427,8 @@ def run(lab: dict, *, writers: int, victims: int, granters: int, sealers: int, s
                 "at the end minus once every client had connected (the thread pools warm); rdma_res_leaked: "
                 "PD+CQ+QP+MR on the storage device at the end minus before any client",
     }
+    if profile is not None:
+        report["node_profile"] = profile
     if perftest and writers:
         report["perftest"] = perftest_bw(lab, writers, logs)
         wire = report["perftest"].get("bw_mib_s")
@@ -412,13 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=180)
     p.add_argument("--break-every", type=float, default=1.5, help="seconds between two breaks")
     p.add_argument("--out", type=Path, default=Path("results/soak.json"))
+    p.add_argument("--profile-node", type=float, default=0.0, metavar="SECONDS",
+                   help="sample the node with py-spy for this long once the load is on (node_profile in the report)")
     args = p.parse_args(argv)
     lab = dict(os.environ)
     if lab.get("RDAX_LAB") != "1":
         print("not inside the rdax lab guest: run `make soak`", file=sys.stderr)
         return 2
     report = run(lab, writers=args.writers, victims=args.victims, granters=args.granters, sealers=args.sealers,
-                 seconds=args.seconds, break_every=args.break_every, logs=args.out.parent / "soak-logs")
+                 seconds=args.seconds, break_every=args.break_every, logs=args.out.parent / "soak-logs",
+                 profile_seconds=args.profile_node)
     report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
