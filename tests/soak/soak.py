@@ -292,7 +292,8 @@ def finish_profile(profiler: subprocess.Popen, logs: Path, top: int = 25) -> dic
             continue
         n, frames = int(count), stack.split(";")
         total += n
-        threads[frames[0].split(" (")[0].strip('"')] += n
+        name = frames[0].split(": ", 1)[-1]   # "thread (550): rdax-rpc_9": a pool's threads count together
+        threads[name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name] += n
         own[frames[-1]] += n
         for frame in set(frames[1:]):
             anywhere[frame] += n
