@@ -265,6 +265,7 @@ def threads_cpu(pid: int) -> dict[str, float]:
 
 def start_profile(pid: int, seconds: float, logs: Path) -> subprocess.Popen:
     """py-spy sampling the node (every thread, without pausing it) for `seconds` once the load is on."""
+    (logs / "node-profile.txt").unlink(missing_ok=True)   # never report an earlier run's profile
     return subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
                              "--nonblocking", "--threads", "--format", "raw", "--output", str(logs / "node-profile.txt")],
                             stdout=subprocess.DEVNULL, stderr=open(logs / "py-spy.log", "w"))
@@ -281,7 +282,8 @@ def finish_profile(profiler: subprocess.Popen, logs: Path, top: int = 25) -> dic
         profiler.kill()
     path = logs / "node-profile.txt"
     if not path.exists():
-        return {"error": (logs / "py-spy.log").read_text()[-500:]}
+        return {"error": f"py-spy wrote no profile (exit status {profiler.returncode}): "
+                         f"{(logs / 'py-spy.log').read_text()[-500:]}"}
     threads: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     anywhere: collections.Counter[str] = collections.Counter()
