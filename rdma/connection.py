@@ -141,7 +141,11 @@ class Connection:
         attr.max_rd_atomic = 16
         attr.min_rnr_timer = 12
         attr.timeout = 14
-        attr.retry_cnt = 7
+        # 6, not 7: rxe takes a transport retry count of 7 to mean "retry forever" (rxe_comp.c, COMPST_ERROR_RETRY:
+        # `if (qp->comp.retry_cnt != 7) qp->comp.retry_cnt--`; the IB spec gives 7 that meaning only for the RNR
+        # count), so a request towards a peer QP that is gone never completed. With 6 it fails with
+        # IBV_WC_RETRY_EXC_ERR after 7 tries of 4.096 us * 2^14 = 67 ms each, about half a second.
+        attr.retry_cnt = 6
         attr.rnr_retry = 7
         gr = GlobalRoute(dgid=GID(remote.gid), sgid_index=self.device.gid_index, hop_limit=64)
         attr.ah_attr = AHAttr(gr=gr, is_global=1, port_num=PORT)

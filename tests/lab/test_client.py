@@ -16,6 +16,7 @@ from pki import client_env
 
 MiB = 1 << 20
 REM_ACCESS_ERR = 10
+RETRY_EXC_ERR = 12
 WRITE, READ, ATOMIC, FLUSH = 1, 2, 4, 8
 
 
@@ -125,6 +126,25 @@ def test_server_restart_leaves_no_stale_registration_bad_flow(lab, export_root, 
     finally:
         old.proc.kill()
         restarted.stop()
+
+
+def test_write_to_a_killed_node_fails_within_seconds_bad_flow(lab, export_root, pki):
+    """Issue 11 §2: with the node gone (SIGKILL: its QPs destroyed, no Watch event, no NOT_FOUND), a write fails
+    by the QP's own retries running out (IBV_WC_RETRY_EXC_ERR), in about half a second, not never: rxe retried
+    for ever with retry_cnt 7."""
+    server = Server(lab, export_root, 7660, pki=pki)
+    client = Client(lab, server.target, server.pki)
+    try:
+        g = client.call("open", name="f", path="killed", length=MiB)
+        assert g["ok"], g
+        server.stop(signal.SIGKILL)
+        started = time.monotonic()
+        r = client.call("raw_write", rkey=g["rkey"], remote_addr=g["remote_addr"], length=4096, seed=15)
+        took = time.monotonic() - started
+        assert not r["ok"] and r.get("status") == RETRY_EXC_ERR, r
+        assert took < 10, f"the write took {took:.1f} s to fail"
+    finally:
+        client.proc.kill()
 
 
 def test_write_with_flush_is_durable_in_one_call(server, clients):
