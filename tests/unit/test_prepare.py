@@ -194,7 +194,10 @@ def _grown(fd: int) -> bool:
 
 class FileLook(NamedTuple):
     size: int
-    blocks: int
+    # Bytes the file's extents cover (FIEMAP), not st_blocks: st_blocks also counts the filesystem's own
+    # metadata, and ext4 keeps an extent tree's index block after the tree shrinks back (a host on 6.18 showed
+    # 4 KiB more after a rollback that had put every extent back as it was).
+    allocated: int
     sha256: str
     mtime_ns: int
     kinds: tuple[tuple[int, int, str], ...]   # (start, end, 'data' | 'unwritten') runs, holes between them
@@ -205,7 +208,9 @@ def _look(path: Path) -> FileLook:
     fd = os.open(path, os.O_RDONLY)
     try:
         runs: list[tuple[int, int, str]] = []
+        allocated = 0
         for ext in read_extents(fd):
+            allocated += ext.length
             kind = "unwritten" if ext.flags & FIEMAP_EXTENT_UNWRITTEN else "data"
             if runs and runs[-1][1] == ext.logical and runs[-1][2] == kind:
                 runs[-1] = (runs[-1][0], ext.end, kind)
@@ -213,7 +218,7 @@ def _look(path: Path) -> FileLook:
                 runs.append((ext.logical, ext.end, kind))
     finally:
         os.close(fd)
-    return FileLook(st.st_size, st.st_blocks, hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns,
+    return FileLook(st.st_size, allocated, hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns,
                     tuple(runs))
 
 
