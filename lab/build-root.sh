@@ -7,7 +7,8 @@ source "$(dirname "$0")/common.sh"
 kernel=$("$LAB_DIR/fetch-kernel.sh")
 kver=$(cat "$kernel/KVER")
 key=$(recipe_key "$LAB_DIR/build-root.sh" "$LAB_DIR/common.sh" "$REPO_DIR/docker/packages.txt" "$LAB_DIR/packages.txt" \
-      "$REPO_DIR/pyproject.toml" "$kernel/KVER")
+      "$REPO_DIR/pyproject.toml" "$kernel/KVER" "$REPO_DIR"/rdma/fastpath/setup.py "$REPO_DIR"/rdma/fastpath/*.pyx \
+      "$REPO_DIR"/rdma/fastpath/pyproject.toml "$REPO_DIR"/rdma/fastpath/pxd/pyverbs/*.pxd)
 out="$CACHE_DIR/root-$key"
 if [[ -f $out/.done ]]; then echo "$out"; exit 0; fi
 
@@ -33,12 +34,16 @@ cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 mkdir -p "$root/src" "$root/proc"
 mount --bind "$REPO_DIR" "$root/src"
 mount -t proc proc "$root/proc"
-log "venv /opt/rdax/venv with rdax (editable, from /src) and its dependencies"
+log "venv /opt/rdax/venv with rdax (editable, from /src), its dependencies and its native fast path"
+# rdma/fastpath is built from a copy: pip builds a local folder in place, and /src is the host's checkout.
 chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     sh -euc 'python3 -m venv --system-site-packages /opt/rdax/venv
              /opt/rdax/venv/bin/pip install -q -e "/src[test]"
-             /opt/rdax/venv/bin/python -c "import grpc, pyverbs, pytest; print(\"venv ok\")"' >&2 \
+             rm -rf /tmp/fastpath && cp -r /src/rdma/fastpath /tmp/fastpath
+             /opt/rdax/venv/bin/pip install -q --no-build-isolation /tmp/fastpath
+             rm -rf /tmp/fastpath
+             /opt/rdax/venv/bin/python -c "import grpc, pyverbs, pytest, rdax_fastpath; print(\"venv ok\")"' >&2 \
     || die "building the venv inside the root failed"
 umount "$root/src" "$root/proc"
 rm -f "$root/etc/ssl/certs/host-ca.crt"

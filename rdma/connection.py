@@ -1,7 +1,8 @@
 """RC connections: one QP + CQ, set up from endpoint info exchanged out of
 band (QPN, GID, PSN, path MTU), and the data verbs posted on it —
 RDMA WRITE / READ, FLUSH, ATOMIC_WRITE — with many outstanding work requests
-and selective signalling."""
+and selective signalling. The hot loops run natively (rdma/fastpath) where that
+module is built, through pyverbs otherwise."""
 from __future__ import annotations
 
 import os
@@ -21,14 +22,18 @@ from pyverbs.pyverbs_error import PyverbsError
 from pyverbs.qp import QPAttr, QPCap, QPEx, QPInitAttrEx
 from pyverbs.wr import SGE
 
+try:   # the native post-and-poll (rdma/fastpath), built in the lab root and the node's image
+    import rdax_fastpath as _fastpath
+except ImportError:
+    _fastpath = None
+
 from .device import PORT, Device
 from .errors import Abandoned, ConnectError, VerbsError, WorkCompletionError
 from .mr import Access
 
 # The posting loop's callbacks: `describe()` makes a verb's error arguments (only when it raises), and a tail posts
-# one more request (FLUSH, ATOMIC_WRITE) on the QP being built, behind the chunks.
+# one more request (FLUSH, ATOMIC_WRITE) on the QP being built, behind the chunks (Tail, below FlushTail).
 Describe = Callable[[], dict[str, object]]
-Tail = Callable[[QPEx], object]
 
 MTU_ENUM = {256: e.IBV_MTU_256, 512: e.IBV_MTU_512, 1024: e.IBV_MTU_1024,
             2048: e.IBV_MTU_2048, 4096: e.IBV_MTU_4096}
@@ -49,6 +54,8 @@ REM_ACCESS_ERR = 10
 # control plane to seconds).
 SPIN_SECONDS = 0.002
 NAP_MIN, NAP_MAX = 0.0001, 0.001
+# The native wait returns to Python this often while it waits (to see abandon() and the deadline).
+NATIVE_SLICE_NS = 5_000_000
 SIGNALED = e.IBV_SEND_SIGNALED
 FLUSH_PERSISTENT, FLUSH_RANGE = e.IBV_FLUSH_PERSISTENT, e.IBV_FLUSH_RANGE
 QP_STATE = {e.IBV_QPS_RESET: "RESET", e.IBV_QPS_INIT: "INIT", e.IBV_QPS_RTR: "RTR",
@@ -66,6 +73,25 @@ class EndpointInfo:
     gid: str
     psn: int
     mtu: int = 4096
+
+
+def native_available() -> bool:
+    """Whether the native post-and-poll is built here (RDAX_FASTPATH=0 turns it off for new connections)."""
+    return _fastpath is not None and os.environ.get("RDAX_FASTPATH", "1") != "0"
+
+
+class FlushTail(NamedTuple):
+    """A FLUSH(persistent, range) posted behind a batch of writes: a Tail the native path knows."""
+
+    rkey: int
+    raddr: int
+    length: int
+
+    def __call__(self, qp: QPEx) -> object:
+        return qp.wr_flush(self.rkey, self.raddr, self.length, FLUSH_PERSISTENT, FLUSH_RANGE)
+
+
+Tail = Callable[[QPEx], object] | FlushTail
 
 
 class Chunk(NamedTuple):
@@ -88,7 +114,7 @@ class Connection:
     """
 
     def __init__(self, device: Device, pd: PD, depth: int = 64, signal_every: int = 16,
-                 remote_access: Access = Access(0)) -> None:
+                 remote_access: Access = Access(0), native: bool | None = None) -> None:
         self.device = device
         self.pd = pd
         self.depth = depth
@@ -106,6 +132,8 @@ class Connection:
         # teardown thread destroys): neither may run during the other.
         self._teardown = threading.Lock()
         self._closed = False
+        # The native waits run with the GIL released: close() must not destroy the CQ under one.
+        self._polling = threading.Lock()
         try:
             self.cq = CQEX(device.context, CqInitAttrEx(cqe=depth * 2))
             self._poll_attr = PollCqAttr()
@@ -120,6 +148,21 @@ class Connection:
             self._sge = SGE(0, 0, 0)
         except PyverbsError as exc:
             raise VerbsError("ibv_create_qp_ex", {"device": device.name, "depth": depth}, detail=str(exc)) from exc
+        # The native post-and-poll (`native`: None = where built, True = required), if it sees pyverbs' objects as
+        # they are.
+        if native is None:
+            native = native_available()
+        self._native = bool(native and _fastpath is not None and _fastpath.usable(self.qp, self.cq))
+        if native and not self._native:
+            self.close()
+            raise VerbsError("rdax_fastpath", {"device": device.name},
+                             detail="the native post-and-poll is not built here, or not for this pyverbs "
+                                    "(rdma/fastpath; RDAX_FASTPATH=0 uses pyverbs alone)")
+
+    @property
+    def native(self) -> bool:
+        """Whether this connection posts and polls through rdma/fastpath."""
+        return self._native
 
     # -- set-up ---------------------------------------------------------------
     def endpoint(self, mtu: int = 4096) -> EndpointInfo:
@@ -191,6 +234,9 @@ class Connection:
         one when `signal_last`. `describe()` gives the error arguments."""
         nchunks = len(chunks)
         n = nchunks + (tail is not None)
+        if self._native and (tail is None or type(tail) is FlushTail):
+            self._post_native(verb, describe, chunks, n, read, tail, signal_last)
+            return
         if n and signal_last and n <= self.depth - self._in_flight and self._unsignalled + n <= self.signal_every:
             self._post_fitting(verb, describe, chunks, n, read, tail)
             return
@@ -228,6 +274,26 @@ class Connection:
                     tail(qp)
             self._complete(verb, describe)
             self._unsignalled = unsignalled
+            self._in_flight += end - i
+            i = end
+
+    def _post_native(self, verb: str, describe: Describe, chunks: Sequence[Chunk], n: int,
+                     read: bool, tail: FlushTail | None, signal_last: bool) -> None:
+        """_post_requests through rdma/fastpath: a batch per call, as many as the queue has room for."""
+        fkey, faddr, flen = tail if tail is not None else (0, 0, 0)
+        last = n - 1 if signal_last else -1
+        i = 0
+        while i < n:
+            room = self.depth - self._in_flight
+            if room <= 0:
+                self._retire(verb, describe)
+                continue
+            end = min(n, i + room)
+            try:
+                self._unsignalled = _fastpath.post(self.qp, chunks, i, end, self._unsignalled, self.signal_every,
+                                                   last, read, fkey, faddr, flen)
+            except OSError as exc:
+                raise VerbsError(f"ibv_wr_complete[{verb}]", describe(), detail=os.strerror(exc.errno or 0)) from exc
             self._in_flight += end - i
             i = end
 
@@ -320,6 +386,9 @@ class Connection:
 
     def _retire(self, verb: str, describe: Describe, until_empty: bool = False, timeout: float = 30.0) -> None:
         """Poll completions until there is room (or nothing is in flight)."""
+        if self._native:
+            self._retire_native(verb, describe, until_empty, timeout)
+            return
         cq = self.cq
         while self._in_flight >= self.depth or (until_empty and self._in_flight > 0):
             self._spin(verb, describe, timeout)
@@ -334,6 +403,36 @@ class Connection:
             finally:
                 cq.end_poll()
 
+    def _retire_native(self, verb: str, describe: Describe, until_empty: bool, timeout: float,
+                       spin: float | None = None) -> None:
+        """_retire through rdma/fastpath: its waits (GIL released) return every NATIVE_SLICE_NS to see abandon()
+        and the deadline here; the spin (`spin_seconds`, or `spin` left of it) counts from this call."""
+        spin_ns = int((self.spin_seconds if spin is None else spin) * 1e9)
+        deadline = None
+        poll, cq = _fastpath.poll, self.cq
+        while self._in_flight >= self.depth or (until_empty and self._in_flight > 0):
+            if self._abandoned is not None:
+                self._in_flight = self._unsignalled = 0
+                raise Abandoned(f"ibv_poll_cq[{verb}]", describe(), self._abandoned)
+            with self._polling:
+                if self._closed:
+                    raise Abandoned(f"ibv_poll_cq[{verb}]", describe(), "the connection was closed")
+                rc, retired, status = poll(cq, spin_ns, NATIVE_SLICE_NS)
+            if rc == ENOENT:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + timeout - NATIVE_SLICE_NS / 1e9
+                elif now > deadline:
+                    raise VerbsError(f"ibv_poll_cq[{verb}]", describe(),
+                                     detail=f"no completion within {timeout:.0f} s ({self._in_flight} in flight)")
+                spin_ns = 0
+                continue
+            if rc:
+                raise VerbsError(f"ibv_start_poll[{verb}]", describe(), detail=os.strerror(rc))
+            if status:
+                raise self._failed(verb, describe, status)
+            self._in_flight -= retired
+
     def wait(self, verb: str = "wait", args: dict[str, object] | None = None, timeout: float = 30.0) -> None:
         """Make sure the last posted request is signalled, then wait for all."""
         if self._unsignalled:
@@ -345,8 +444,8 @@ class Connection:
 
     # -- verbs ----------------------------------------------------------------
     @staticmethod
-    def _flush_wr(rkey: int, raddr: int, length: int) -> Tail:
-        return lambda qp: qp.wr_flush(rkey, raddr, length, FLUSH_PERSISTENT, FLUSH_RANGE)
+    def _flush_wr(rkey: int, raddr: int, length: int) -> FlushTail:
+        return FlushTail(rkey, raddr, length)
 
     def post_write(self, c: Chunk, last: bool = False) -> None:
         self._post_requests("RDMA_WRITE", lambda: {"rkey": c.rkey, "remote_addr": c.raddr, "len": c.length},
@@ -394,6 +493,8 @@ class Connection:
         behind them on the same QP (RC executes them in order): one wait, and
         the bytes are durable when it returns."""
         if isinstance(chunks, (list, tuple)) and len(chunks) == 1 and not self._in_flight:
+            if self._native:
+                return self._write_flush_native(chunks[0], rkey, raddr, length, timeout)
             # The latency case, written flat: in the lab every Python step
             # between the call and wr_complete() adds to the round trip (the
             # generic path costs about 100 us more per write+flush), while
@@ -429,6 +530,33 @@ class Connection:
             return n
         return self._transfer("RDMA_WRITE+FLUSH", chunks, tail=self._flush_wr(rkey, raddr, length), timeout=timeout)
 
+    def _write_flush_native(self, chunk: Chunk, rkey: int, raddr: int, length: int, timeout: float) -> int:
+        """write_flush's latency case in one native call: post WRITE + FLUSH, spin for the FLUSH's completion."""
+        laddr, lkey, n, wkey, waddr = chunk
+        with self._polling:
+            if self._closed:
+                raise Abandoned("ibv_poll_cq[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
+                                "the connection was closed")
+            try:
+                status = _fastpath.write_flush(self.qp, self.cq, laddr, lkey, n, wkey, waddr, rkey, raddr, length,
+                                               int(self.spin_seconds * 1e9), int(self.spin_seconds * 1e9))
+            except OSError as exc:
+                if exc.strerror == "ibv_start_poll":
+                    self._in_flight = 2
+                raise VerbsError(f"{exc.strerror}[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
+                                 detail=os.strerror(exc.errno or 0)) from exc
+        if status == _fastpath.PENDING:   # past the spin (a slow peer, a page fault on the node): wait on
+            self._in_flight = 2
+
+            def describe() -> dict[str, object]:
+                return {"requests": 2, "bytes": n, "flush_addr": raddr, "flush_len": length}
+            self._retire_native("RDMA_WRITE+FLUSH", describe, True, timeout, spin=0.0)
+            return int(n)
+        if status:
+            raise self._failed("RDMA_WRITE+FLUSH", lambda: {"requests": 2, "bytes": n, "flush_addr": raddr,
+                                                            "flush_len": length}, status)
+        return int(n)
+
     def flush(self, rkey: int, raddr: int, length: int, timeout: float = 30.0) -> None:
         self.post_flush(rkey, raddr, length)
         self.wait("FLUSH", {"rkey": rkey, "remote_addr": raddr, "len": length}, timeout)
@@ -439,7 +567,8 @@ class Connection:
 
     # -- teardown -------------------------------------------------------------
     def close(self) -> None:
-        with self._teardown:
+        # A native wait in another thread holds `_polling` for at most NATIVE_SLICE_NS, then sees _closed.
+        with self._teardown, self._polling:
             self._closed = True
             for obj in (self.qp, self.cq):
                 try:

@@ -1,5 +1,6 @@
-"""Where a 4 KiB write+FLUSH's time goes: the bare pyverbs calls against Connection.write_flush and
-RemoteFile.write(flush=True), interleaved in one run (runs far apart differ by 30 % and more).
+"""Where a 4 KiB write+FLUSH's time goes: the bare pyverbs calls and the bare native call (rdma/fastpath)
+against Connection.write_flush on either path and RemoteFile.write(flush=True), interleaved in one run (runs
+far apart differ by 30 % and more).
 
     lab/run.sh 'python tests/bench/hotpath.py'
 
@@ -56,9 +57,31 @@ def client(target: str) -> None:
         cq.end_poll()
         assert status == 0, status
 
+    def bare_native() -> None:
+        """rdax_fastpath.write_flush called directly: post both, spin, read the status."""
+        status = fastpath.write_flush(qp, cq, chunk.laddr, chunk.lkey, SIZE, rkey, raddr, rkey, raddr, SIZE,
+                                      10_000_000_000, 10_000_000_000)
+        assert status == 0, status
+
+    def on(native: bool, op):
+        def run() -> None:
+            conn._native = native   # the same QP and CQ, either path (they share the connection's counters)
+            op()
+        return run
+
+    write_flush = lambda: conn.write_flush([chunk], rkey, raddr, SIZE)   # noqa: E731
+    file_write = lambda: f.write(0, data, flush=True)   # noqa: E731
     variants = {"bare pyverbs": bare,
-                "Connection.write_flush": lambda: conn.write_flush([chunk], rkey, raddr, SIZE),
-                "RemoteFile.write(flush=True)": lambda: f.write(0, data, flush=True)}
+                "Connection.write_flush (pyverbs)": on(False, write_flush),
+                "RemoteFile.write (pyverbs)": on(False, file_write)}
+    native = conn.native
+    if native:
+        import rdax_fastpath as fastpath
+        variants.update({"bare native": bare_native,
+                         "Connection.write_flush (native)": on(True, write_flush),
+                         "RemoteFile.write (native)": on(True, file_write)})
+    else:
+        print("hotpath: rdax_fastpath is not built or not usable here: the native variants are left out")
     samples: dict[str, list[int]] = {name: [] for name in variants}
     clock = time.perf_counter_ns
     for _ in range(ROUNDS):
@@ -72,8 +95,11 @@ def client(target: str) -> None:
     print(f"{SIZE} B write + FLUSH(persistent), {ROUNDS} interleaved rounds of {PER_ROUND}, microseconds")
     for name, v in samples.items():
         v.sort()
+        if not v:
+            continue
         print(f"  {name:30s} p10 {v[len(v) // 10] / 1e3:7.1f}  p50 {v[len(v) // 2] / 1e3:7.1f}"
               f"  p90 {v[9 * len(v) // 10] / 1e3:7.1f}")
+    conn._native = native
     f.close()
     s.close()
 

@@ -74,7 +74,7 @@ def plot(doc: dict, out: Path) -> None:
     plt.close(fig)
 
 
-VS_COLORS = {"rdax": "#08519c", "librpma": "#31a354", "librpma_fiemap": "#a1d99b", "nfs": "#e6550d"}
+VS_COLORS = {"rdax": "#08519c", "rdax_pyverbs": "#9ecae1", "librpma": "#31a354", "librpma_fiemap": "#a1d99b", "nfs": "#e6550d"}
 VS_BW = [("seq_1m_qd64", "1 MiB, qd 64"), ("seq_1m_qd1", "1 MiB, one at a time"), ("seq_4k_qd64", "4 KiB, qd 64"),
          ("lat_4k", "4 KiB, one at a time")]
 

@@ -196,7 +196,7 @@ class Bench:
         self.vs = (s, f)
         t0 = time.perf_counter()
         first = self.versus_run(MiB, depth, region // MiB)
-        return {"depth": depth, "signal_every": s.conn.signal_every, "region": region,
+        return {"depth": depth, "signal_every": s.conn.signal_every, "region": region, "native": s.conn.native,
                 "first_pass_s": round(time.perf_counter() - t0, 3), "first_pass_mib_s": first["bw_mib_s"]}
 
     def versus_run(self, size: int, depth: int, count: int) -> dict:
@@ -233,8 +233,20 @@ class Bench:
             row.update(summary_us(samples))
         return row
 
-    def versus_block(self, workloads: list) -> dict:
-        return {"rows": {name: self.versus_run(size, depth, count) for name, size, depth, count in workloads}}
+    def versus_block(self, workloads: list, native: bool | None = None) -> dict:
+        """One block of the workloads; `native` False: through the pure-pyverbs path of the same connection
+        (the A/B of rdma/fastpath), True or None: as the connection is."""
+        conn = self.vs[0].conn
+        was = conn.native
+        if native is not None:
+            if native and not was:
+                raise ValueError("the native post-and-poll is not in use here (rdma/fastpath not built?)")
+            conn._native = native
+        try:
+            return {"rows": {name: self.versus_run(size, depth, count) for name, size, depth, count in workloads},
+                    "native": conn.native}
+        finally:
+            conn._native = was
 
     def put(self, size: int, name: str) -> dict:
         """What `rdax put` does, from a source that costs nothing to read: a new session, Seal + Grant of a new

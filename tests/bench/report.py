@@ -126,7 +126,7 @@ def attach_ratios(doc: dict) -> None:
 
 # -- the anchors: librpma and NFS v4.2 over RDMA (tests/bench/versus.py) ----------------
 VERSUS_HEADLINE = ("rdax_vs_librpma_lat_4k_p50", "rdax_vs_librpma_bw_1m", "rdax_vs_librpma_bw_4k",
-                   "rdax_vs_nfs_lat_4k_p50")
+                   "rdax_vs_nfs_lat_4k_p50", "rdax_vs_rdax_pyverbs_lat_4k_p50")
 VERSUS_DEFINITIONS = {
     "rdax_vs_librpma_lat_4k_p50": "rdax / librpma, p50 of a durable 4 KiB write one at a time (WRITE + FLUSH"
                                   "(persistent), one wait); below 1: rdax is faster",
@@ -136,6 +136,9 @@ VERSUS_DEFINITIONS = {
                              "one FLUSH at the end)",
     "rdax_vs_nfs_lat_4k_p50": "rdax / NFS v4.2 over RDMA, p50 of a durable 4 KiB write one at a time (NFS: fio "
                               "O_DIRECT|O_DSYNC pwrite); below 1: rdax is faster",
+    "rdax_vs_rdax_pyverbs_lat_4k_p50": "the A/B of the native fast path (rdma/fastpath): rdax's durable 4 KiB "
+                                       "p50 / the same connection's through pure pyverbs, per block; below 1: "
+                                       "the native path is faster",
     "rdax_node_cpu_s_per_gib": "not a ratio: rdax-server CPU seconds (utime+stime) per GiB during puts over an "
                                "existing file (goal <= 0.01); a new file's put, Seal's zero-fill included, is "
                                "versus.cpu_put.rdax.new_file",

@@ -410,6 +410,11 @@ class Run:
             if self.peer is not None:
                 try:
                     systems["rdax"] = versus_mod.Rdax(self.call, self.server.pid)
+                    if systems["rdax"].info.get("native"):   # the A/B of rdma/fastpath: the same connection
+                        systems["rdax_pyverbs"] = versus_mod.RdaxPyverbs(self.call, self.server.pid,
+                                                                         opened=systems["rdax"].info)
+                    else:
+                        self.problems.note("versus: rdax is not using its native fast path (rdma/fastpath)")
                 except RuntimeError as exc:
                     self.problems.note(f"versus: {exc}")
             for name, make in versus_mod.anchors(self.lab, self.logs):

@@ -6,7 +6,9 @@ Runs in the lab guest's root namespace, called by run.py (`Run.versus`), or alon
     lab/run.sh 'python tests/bench/versus.py --out results/versus-smoke.json --blocks 2'
 
 The systems (servers in the `storage` namespace, clients in the `client` namespace, one DAX mount):
-- rdax: rdax-server (mTLS) and tests/bench/rdax_peer.py: `Connection.write_flush` over one grant of a sealed file;
+- rdax: rdax-server (mTLS) and tests/bench/rdax_peer.py: `Connection.write_flush` over one grant of a sealed file,
+  posted and polled natively (rdma/fastpath); rdax_pyverbs, the same connection through its pure-pyverbs path (the
+  A/B of the native fast path, not an anchor);
 - librpma: tests/bench/librpma/rpma_bench.c, built here with gcc into /tmp: a server that maps a file on the DAX
   mount with MAP_SYNC and declares direct_write_to_pmem, a client driven over stdin (RDMA CM, native FLUSH);
 - nfs: knfsd with svcrdma in `storage` exporting a directory of the DAX mount as the NFSv4 pseudo-root, mounted
@@ -45,7 +47,7 @@ WORKLOADS = [
     ("seq_4k_qd64", 4 * KiB, 64, 2048),
     ("seq_1m_qd64", MiB, 64, 32),
 ]
-SYSTEMS = ("rdax", "librpma", "librpma_fiemap", "nfs")
+SYSTEMS = ("rdax", "rdax_pyverbs", "librpma", "librpma_fiemap", "nfs")
 RPMA_PORT = 7791
 FIEMAP_SYNC_S = 5.0   # rdax-server's seal audit period (service/node.py audit_seconds)
 NFS_PORT = 20049
@@ -62,7 +64,10 @@ WORKLOAD_NOTE = {
 SYSTEM_NOTE = {
     "rdax": "rdax-server (mTLS) in storage; rdax_peer.py in client: Connection.write_flush over one grant "
             "(RDMA WRITE + FLUSH(persistent) on an ODP memory region over the sealed DAX file), depth 64, "
-            "one in 16 writes signalled",
+            "one in 16 writes signalled; posted and polled by rdma/fastpath (native, GIL released while polling)",
+    "rdax_pyverbs": "the A/B of rdma/fastpath, not an anchor: rdax's same session and connection, its blocks run "
+                    "through Connection's pure-pyverbs path (every work request built with pyverbs calls, the CQ "
+                    "polled from Python)",
     "librpma": "tests/bench/librpma/rpma_bench.c (librpma 1.3, gcc -O2, built in the lab): server maps the DAX "
                "file MAP_SHARED_VALIDATE|MAP_SYNC, rpma_mr_reg (ODP fallback), direct_write_to_pmem; client: "
                "rpma_write + rpma_flush(PERSISTENT) (native RDMA FLUSH), busy-polled CQ, one in 16 signalled",
@@ -414,11 +419,13 @@ def _fio_version() -> str | None:
 # -- rdax, through run.py's peer -----------------------------------------------------------------------
 class Rdax:
     name = "rdax"
+    native: bool | None = None   # as the connection is (native where rdma/fastpath is built)
 
-    def __init__(self, call, server_pid: int, region: int = REGION) -> None:
-        """`call(op, need_seconds, **args)`: run.Run.call (answers None when the peer failed)."""
+    def __init__(self, call, server_pid: int, region: int = REGION, opened: dict | None = None) -> None:
+        """`call(op, need_seconds, **args)`: run.Run.call (answers None when the peer failed). `opened`: the
+        peer's versus session is open already (another Rdax's)."""
         self.call, self.server_pid = call, server_pid
-        opened = call("versus_open", 120, region=region, depth=64)
+        opened = opened or call("versus_open", 120, region=region, depth=64)
         if not opened:
             raise RuntimeError("rdax: versus_open failed (see problems)")
         self.info = opened
@@ -427,9 +434,9 @@ class Rdax:
         return proc_cpu_s(self.server_pid)
 
     def block(self) -> dict[str, dict]:
-        reply = self.call("versus_block", 240, workloads=WORKLOADS)
+        reply = self.call("versus_block", 240, workloads=WORKLOADS, native=self.native)
         if not reply:
-            raise RuntimeError("rdax: versus_block failed (see problems)")
+            raise RuntimeError(f"{self.name}: versus_block failed (see problems)")
         return reply["rows"]
 
     def put(self, size: int) -> dict | None:
@@ -437,6 +444,13 @@ class Rdax:
 
     def close(self) -> None:
         pass
+
+
+class RdaxPyverbs(Rdax):
+    """The same session's blocks through Connection's pure-pyverbs path."""
+
+    name = "rdax_pyverbs"
+    native = False
 
 
 def anchors(lab: dict, logs: Path) -> list[tuple[str, object]]:
@@ -463,6 +477,11 @@ def _div(a: float | None, b: float | None) -> float | None:
 RATIOS = {
     # name: (system a, system b, workload, figure); a / b per block
     "rdax_vs_librpma_lat_4k_p50": ("rdax", "librpma", "lat_4k", "p50_us"),
+    "rdax_vs_rdax_pyverbs_lat_4k_p50": ("rdax", "rdax_pyverbs", "lat_4k", "p50_us"),
+    "rdax_vs_rdax_pyverbs_bw_1m": ("rdax", "rdax_pyverbs", "seq_1m_qd64", "bw_mib_s"),
+    "rdax_vs_rdax_pyverbs_bw_4k": ("rdax", "rdax_pyverbs", "seq_4k_qd64", "bw_mib_s"),
+    "rdax_pyverbs_vs_librpma_lat_4k_p50": ("rdax_pyverbs", "librpma", "lat_4k", "p50_us"),
+    "rdax_pyverbs_vs_librpma_bw_4k": ("rdax_pyverbs", "librpma", "seq_4k_qd64", "bw_mib_s"),
     "rdax_vs_librpma_lat_4k_p99": ("rdax", "librpma", "lat_4k", "p99_us"),
     "rdax_vs_librpma_bw_1m": ("rdax", "librpma", "seq_1m_qd64", "bw_mib_s"),
     "rdax_vs_librpma_bw_4k": ("rdax", "librpma", "seq_4k_qd64", "bw_mib_s"),
@@ -641,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
                     note(str(exc))
                     return None
             systems["rdax"] = Rdax(call, server.pid)
+            if "rdax_pyverbs" in wanted and systems["rdax"].info.get("native"):
+                systems["rdax_pyverbs"] = RdaxPyverbs(call, server.pid, opened=systems["rdax"].info)
         for name, make in anchors(lab, logs):
             if name in wanted:
                 try:

@@ -7,11 +7,24 @@ stdout, so a test in the storage namespace can drive real remote writes.
 """
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from typing import Any
 
 from labkit import pattern, serve
 
-from rdax.rdma import Chunk, Connection, Device, EndpointInfo, LocalBuffer, VerbsError, WorkCompletionError, open_device
+from rdax.rdma import (
+    Abandoned,
+    Chunk,
+    Connection,
+    Device,
+    EndpointInfo,
+    LocalBuffer,
+    VerbsError,
+    WorkCompletionError,
+    open_device,
+)
 
 
 class Peer:
@@ -21,13 +34,15 @@ class Peer:
         self.conn: Connection | None = None
         self.buf: LocalBuffer | None = None
 
-    def open(self, device: str, buffer: int = 4 << 20, depth: int = 64) -> dict:
+    def open(self, device: str, buffer: int = 4 << 20, depth: int = 64, native: bool | None = None,
+             signal_every: int = 16) -> dict:
+        """native: None as Connection's default (the native post-and-poll where built), True/False to choose."""
         self.dev = open_device(name=device)
         self.pd = self.dev.alloc_pd()
-        self.conn = Connection(self.dev, self.pd, depth=depth)
+        self.conn = Connection(self.dev, self.pd, depth=depth, native=native, signal_every=signal_every)
         self.buf = LocalBuffer(self.pd, buffer)
         ep = self.conn.endpoint()
-        return {"qpn": ep.qpn, "gid": ep.gid, "psn": ep.psn}
+        return {"qpn": ep.qpn, "gid": ep.gid, "psn": ep.psn, "native": self.conn.native}
 
     def connect(self, qpn: int, gid: str, psn: int, mtu: int = 4096) -> dict:
         self.conn.connect(EndpointInfo(qpn, gid, psn, mtu), mtu=mtu)
@@ -44,6 +59,43 @@ class Peer:
         self.buf.write(pattern(seed, length))
         c = Chunk(self.buf.addr, self.buf.lkey, length, rkey, raddr)
         return {"bytes": self.conn.write_flush([c], rkey, raddr, length)}
+
+    def write_many(self, rkey: int, raddr: int, length: int, seed: int, chunk: int, flush: bool = False,
+                   tail_first: bool = False) -> dict:
+        """`length` bytes in `chunk`-sized requests, more than the queue holds, in reverse order if `tail_first`;
+        with a FLUSH of the whole range behind them if `flush` (write_flush's batch path)."""
+        self.buf.write(pattern(seed, length))
+        chunks = [Chunk(self.buf.addr + off, self.buf.lkey, min(chunk, length - off), rkey, raddr + off)
+                  for off in range(0, length, chunk)]
+        if tail_first:
+            chunks.reverse()
+        if flush:
+            return {"bytes": self.conn.write_flush(chunks, rkey, raddr, length)}
+        return {"bytes": self.conn.write(chunks)}
+
+    def read(self, rkey: int, raddr: int, length: int, chunk: int = 1 << 20) -> dict:
+        """RDMA READ into the buffer; the bytes' sha256."""
+        self.buf.write(bytes(length))
+        chunks = [Chunk(self.buf.addr + off, self.buf.lkey, min(chunk, length - off), rkey, raddr + off)
+                  for off in range(0, length, chunk)]
+        n = self.conn.read(chunks)
+        return {"bytes": n, "sha256": hashlib.sha256(self.buf.read(length)).hexdigest()}
+
+    def write_flush_abandoned(self, rkey: int, raddr: int, length: int, after: float) -> dict:
+        """write_flush towards a peer that will never answer, abandoned from another thread `after` s in."""
+        c = Chunk(self.buf.addr, self.buf.lkey, length, rkey, raddr)
+        timer = threading.Timer(after, self.conn.abandon, args=("the test abandoned it",))
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            self.conn.write_flush([c], rkey, raddr, length, timeout=30)
+        except Abandoned as exc:
+            return {"abandoned": True, "seconds": time.monotonic() - t0, "error": str(exc)}
+        except WorkCompletionError as exc:
+            return {"abandoned": False, "seconds": time.monotonic() - t0, "status": exc.status}
+        finally:
+            timer.cancel()
+        return {"abandoned": False, "seconds": time.monotonic() - t0}
 
     def flush(self, rkey: int, raddr: int, length: int) -> dict:
         self.conn.flush(rkey, raddr, length)

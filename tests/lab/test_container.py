@@ -327,3 +327,16 @@ def test_container_seccomp_profile_is_the_runtime_default_plus_fanotify_init(lab
                 and not (r.get("includes") or r.get("excludes") or r.get("args")) for n in r["names"]}
 
     assert allowed(ours) - allowed(default) == {"fanotify_init"}
+
+
+def test_container_image_holds_the_native_fast_path_and_no_compiler(lab) -> None:
+    """rdma/fastpath is built in the image's build stage: its module is in the venv and loads against the image's
+    own pyverbs, and the compiler and headers it was built with stayed behind."""
+    rootfs = IMAGE_DIR / "rootfs"
+    built = list((rootfs / "opt" / "rdax" / "venv" / "lib").glob("python3*/site-packages/rdax_fastpath*.so"))
+    assert built, "rdax_fastpath is not in the image's venv"
+    for absent in ("usr/bin/gcc", "usr/bin/cython3", "usr/include/infiniband/verbs.h", "usr/include/python3.13"):
+        assert not (rootfs / absent).exists(), f"{absent} is in the image"
+    loaded = sh("chroot", str(rootfs), "/opt/rdax/venv/bin/python", "-B", "-c",   # -B: write nothing there
+                "import rdax_fastpath, pyverbs.qp; print(rdax_fastpath.PENDING)")
+    assert loaded.stdout.strip() == "-1", loaded

@@ -34,12 +34,14 @@ class Storage:
         self.conn = Connection(self.dev, self.pd, remote_access=ALL)
         self.length = length
 
-    def connect(self, peer, mtu: int = 4096) -> None:
-        remote = peer.call("open", device=os.environ["RDAX_CLIENT_DEV"])
+    def connect(self, peer, mtu: int = 4096, **open_args) -> dict:
+        """Connect our QP and the peer's; the peer's answer to `open` (open_args: e.g. native=False)."""
+        remote = peer.call("open", device=os.environ["RDAX_CLIENT_DEV"], **open_args)
         from rdax.rdma import EndpointInfo
         self.conn.connect(EndpointInfo(remote["qpn"], remote["gid"], remote["psn"], mtu), mtu=mtu)
         ep = self.conn.endpoint(mtu)
         assert peer.call("connect", qpn=ep.qpn, gid=ep.gid, psn=ep.psn, mtu=mtu)["state"] == "RTS"
+        return remote
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
