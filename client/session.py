@@ -13,7 +13,7 @@ import getpass
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypedDict, TypeVar, Unpack
 
@@ -284,6 +284,40 @@ class RemoteFile:
             self._post_staged(offset + done, n, flush_from=offset if (flush and last) else None)
             done += n
         return done
+
+    @_fails_fast
+    def writev(self, pieces: Sequence[tuple[int, bytes | bytearray | memoryview]], flush: bool = True) -> int:
+        """Write many (offset, data) pieces as one batch: each piece goes to its own part of the staging buffer,
+        every request is posted before the first wait (up to the connection's depth in flight, completions
+        reaped in batches), and with `flush` one FLUSH(persistent) of the span they cover goes behind them, so
+        all are durable when this returns. For many small records: one wait instead of one per record.
+        Returns the bytes written; the pieces must fit in the staging buffer together (pass fewer otherwise)."""
+        s = self.session
+        views = [(offset, memoryview(data).cast("B")) for offset, data in pieces]
+        staged = sum(len(v) for _, v in views)
+        if staged > s.staging.length:
+            raise ValueError(f"writev of {staged} bytes: more than the staging buffer's {s.staging.length}; "
+                             f"split the pieces into batches of at most that many bytes")
+        for offset, view in views:
+            self._check(offset, len(view), transfer=True)
+        if not staged:
+            return 0
+        rkey, staging, at, chunks = self.grant.rkey, s.staging.view(), 0, []
+        for offset, view in views:
+            n = len(view)
+            if not n:
+                continue
+            staging[at:at + n] = view
+            chunks += [Chunk(s.staging.addr + at + o, s.staging.lkey, min(s.chunk, n - o), rkey,
+                             self._remote(offset + o)) for o in range(0, n, s.chunk)]
+            at += n
+        if flush:
+            lo = min(offset for offset, view in views if len(view))
+            hi = max(offset + len(view) for offset, view in views)
+            s.conn.write_flush(chunks, rkey, self._remote(lo), hi - lo)
+        else:
+            s.conn.write(chunks)
+        return staged
 
     def _staged_chunks(self, offset: int, n: int) -> list[Chunk]:
         """The staging buffer's first n bytes <-> the file's [offset, offset+n), one request per chunk."""

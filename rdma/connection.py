@@ -123,7 +123,7 @@ class Connection:
         # requests would drain the pipeline at each completion).
         self.signal_every = max(1, min(signal_every, depth // 2))
         self.remote_access = remote_access
-        self.spin_seconds = SPIN_SECONDS
+        self.spin_seconds = SPIN_SECONDS   # (sets _spin_ns too, what the native waits take)
         self.psn = secrets.randbits(24)   # not `random`: an initial PSN an attacker can guess helps forge packets
         self._unsignalled = 0   # posted since the last signalled request
         self._in_flight = 0     # posted and not yet retired by a completion
@@ -158,6 +158,15 @@ class Connection:
             raise VerbsError("rdax_fastpath", {"device": device.name},
                              detail="the native post-and-poll is not built here, or not for this pyverbs "
                                     "(rdma/fastpath; RDAX_FASTPATH=0 uses pyverbs alone)")
+
+    @property
+    def spin_seconds(self) -> float:
+        """How long a wait for a completion spins before it naps between polls."""
+        return self._spin_ns / 1e9
+
+    @spin_seconds.setter
+    def spin_seconds(self, seconds: float) -> None:
+        self._spin_ns = int(seconds * 1e9)
 
     @property
     def native(self) -> bool:
@@ -407,7 +416,7 @@ class Connection:
                        spin: float | None = None) -> None:
         """_retire through rdma/fastpath: its waits (GIL released) return every NATIVE_SLICE_NS to see abandon()
         and the deadline here; the spin (`spin_seconds`, or `spin` left of it) counts from this call."""
-        spin_ns = int((self.spin_seconds if spin is None else spin) * 1e9)
+        spin_ns = self._spin_ns if spin is None else int(spin * 1e9)
         deadline = None
         poll, cq = _fastpath.poll, self.cq
         while self._in_flight >= self.depth or (until_empty and self._in_flight > 0):
@@ -537,9 +546,10 @@ class Connection:
             if self._closed:
                 raise Abandoned("ibv_poll_cq[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
                                 "the connection was closed")
+            spin = self._spin_ns
             try:
                 status = _fastpath.write_flush(self.qp, self.cq, laddr, lkey, n, wkey, waddr, rkey, raddr, length,
-                                               int(self.spin_seconds * 1e9), int(self.spin_seconds * 1e9))
+                                               spin, spin)
             except OSError as exc:
                 if exc.strerror == "ibv_start_poll":
                     self._in_flight = 2

@@ -248,9 +248,12 @@ class Bench:
         finally:
             conn._native = was
 
-    def put(self, size: int, name: str) -> dict:
+    def put(self, size: int, name: str, server_pid: int | None = None) -> dict:
         """What `rdax put` does, from a source that costs nothing to read: a new session, Seal + Grant of a new
-        file, RemoteFile.write_from (1 MiB work requests from the staging buffer), FLUSH, close."""
+        file, RemoteFile.write_from (1 MiB work requests from the staging buffer), FLUSH, close. With the
+        node's `server_pid` (the guest's namespaces share one PID namespace): the node's on-CPU time during the
+        data phase alone (write_from + FLUSH: what the node does while bytes move, control plane apart)."""
+        from versus import proc_run_s
         class Zeros:
             def __init__(self, n: int) -> None:
                 self.left = n
@@ -264,12 +267,19 @@ class Bench:
         s = connect(self.target)
         try:
             with s.open(name, size, create=True) as remote:
+                r0, d0 = (proc_run_s(server_pid) if server_pid else 0.0), time.perf_counter()
                 written = remote.write_from(Zeros(size), 0, size)
                 remote.flush(0, size)
+                data_s = time.perf_counter() - d0
+                data_run = proc_run_s(server_pid) - r0 if server_pid else None
         finally:
             s.close()
         elapsed = time.perf_counter() - t0
-        return {"bytes": written, "seconds": round(elapsed, 3), "mib_s": round(written / MiB / elapsed, 2)}
+        out = {"bytes": written, "seconds": round(elapsed, 3), "mib_s": round(written / MiB / elapsed, 2),
+               "data_phase_s": round(data_s, 3), "native": s.conn.native}
+        if data_run is not None:
+            out["data_phase_server_run_s"] = round(data_run, 5)
+        return out
 
     # -- registration cost --------------------------------------------------------------
     def grant_cost(self, sizes: list[int], reps: int, seconds: float) -> dict:

@@ -142,6 +142,9 @@ VERSUS_DEFINITIONS = {
     "rdax_node_cpu_s_per_gib": "not a ratio: rdax-server CPU seconds (utime+stime) per GiB during puts over an "
                                "existing file (goal <= 0.01); a new file's put, Seal's zero-fill included, is "
                                "versus.cpu_put.rdax.new_file",
+    "rdax_node_data_cpu_s_per_gib": "not a ratio: rdax-server on-CPU seconds (schedstat, all threads) per GiB "
+                                    "during the data phase of the same puts only (write_from + FLUSH: while bytes "
+                                    "move; session, Seal, Grant and close apart)",
     "nfs_server_cpu_s_per_gib": "not a ratio: knfsd threads' CPU seconds (utime+stime) per GiB for the same bytes "
                                 "through NFS (fio over the same existing file)",
 }
@@ -159,6 +162,7 @@ def attach_versus(doc: dict) -> None:
             r[key] = spread.get("median")
     cpu = vs.get("cpu_put") or {}
     r["rdax_node_cpu_s_per_gib"] = (cpu.get("rdax") or {}).get("node_cpu_s_per_gib")
+    r["rdax_node_data_cpu_s_per_gib"] = (cpu.get("rdax") or {}).get("node_data_cpu_s_per_gib")
     r["nfs_server_cpu_s_per_gib"] = (cpu.get("nfs") or {}).get("server_cpu_s_per_gib")
     r["versus_blocks"] = vs.get("blocks")
     doc.setdefault("ratio_definitions", {}).update(VERSUS_DEFINITIONS)

@@ -440,7 +440,7 @@ class Rdax:
         return reply["rows"]
 
     def put(self, size: int) -> dict | None:
-        return self.call("put", 300, size=size, name="bench-put")
+        return self.call("put", 300, size=size, name="bench-put", server_pid=self.server_pid)
 
     def close(self) -> None:
         pass
@@ -609,6 +609,13 @@ def cpu_put(rdax: Rdax | None, nfs: Nfs | None, size: int = PUT_BYTES, overwrite
             out["rdax"] = {"new_file": per_gib(first, size), "overwrite": per_gib(total(again), size * overwrites),
                            "overwrite_puts": again}
             out["rdax"]["node_cpu_s_per_gib"] = out["rdax"]["overwrite"]["server_cpu_s_per_gib"]
+            # The data phase alone (write_from + FLUSH, control plane apart), from the node's schedstat.
+            runs = [m["detail"].get("data_phase_server_run_s") for m in again]
+            if all(r is not None for r in runs):
+                secs = sum(m["detail"]["data_phase_s"] for m in again)
+                out["rdax"]["data_phase"] = {"server_run_s": round(sum(runs), 5), "seconds": round(secs, 3),
+                                             "server_run_s_per_s": round(sum(runs) / secs, 5) if secs else None}
+                out["rdax"]["node_data_cpu_s_per_gib"] = round(sum(runs) / (size * overwrites / GiB), 4)
     if nfs is not None:
         stat, run = nfs.server_cpu_s, kthreads_run_s
         job = [("put", MiB, 64, size // MiB)]

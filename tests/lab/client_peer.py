@@ -168,6 +168,10 @@ class ClientPeer:
     def write(self, name: str, offset: int, length: int, seed: int, flush: bool = False) -> dict:
         return {"bytes": self.files[name].write(offset, pattern(seed, length), flush=flush)}
 
+    def writev(self, name: str, pieces: list[list[int]], flush: bool = True) -> dict:
+        """RemoteFile.writev of (offset, length, seed) pieces."""
+        return {"bytes": self.files[name].writev([(o, pattern(seed, n)) for o, n, seed in pieces], flush=flush)}
+
     def append(self, name: str, length: int, seed: int) -> dict:
         f = self.files[name]
         return {"offset": f.append(pattern(seed, length)), "size": f.size, "length": f.length}

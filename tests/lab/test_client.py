@@ -163,6 +163,33 @@ def test_write_with_flush_is_durable_in_one_call(server, clients):
     assert data[3 * MiB + 8192:4 * MiB - 4096] + data[4 * MiB - 3996:] == bytes(MiB - 8192 - 100)
 
 
+def test_writev_lands_every_piece_durably_in_one_batch(server, clients):
+    """Many small records, out of order and one of them several staging chunks long, in one writev: every
+    piece where it was aimed, nothing between them."""
+    (c,) = clients(1)
+    assert c.call("open", name="f", path="vectored", length=4 * MiB)["ok"]
+    pieces = [(3 * MiB, 4096, 81), (0, 100, 82), (8192, 4096 * 3 + 5, 83), (MiB, 2 * MiB + 4096, 84)]
+    pieces += [(3 * MiB + 4096 * (2 + i), 512, 90 + i) for i in range(100)]   # more requests than the queue holds
+    r = c.call("writev", name="f", pieces=pieces)
+    assert r["ok"] and r["bytes"] == sum(n for _, n, _ in pieces), r
+    expected = bytearray(4 * MiB)
+    for off, n, seed in pieces:
+        expected[off:off + n] = pattern(seed, n)
+    assert (server.root / "vectored").read_bytes() == bytes(expected)
+
+
+def test_writev_refuses_a_bad_piece_before_sending_any_bad_flow(server, clients):
+    """A piece outside the grant, one starting inside a page, or more than the staging buffer holds: refused
+    with what to do, and no piece of the batch is written."""
+    (c,) = clients(1)
+    assert c.call("open", name="f", path="vectored-bad", length=MiB)["ok"]
+    for bad, says in (((MiB - 4096, 8192, 2), "outside the grant"), ((4096 + 1, 10, 3), "4096-byte boundaries"),
+                      ((0, 16 * MiB, 4), "split the pieces into batches")):
+        r = c.call("writev", name="f", pieces=[(0, 4096, 1), bad])
+        assert not r["ok"] and says in r["error"], r
+    assert (server.root / "vectored-bad").read_bytes() == bytes(MiB), "a refused batch wrote something"
+
+
 def rdax_cli(lab, server, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, "-m", "rdax.client.cli",
                            "--target", server.target, *args], capture_output=True, timeout=600,
