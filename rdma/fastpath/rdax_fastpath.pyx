@@ -109,6 +109,7 @@ def post(QPEx qp not None, chunks, Py_ssize_t start, Py_ssize_t end, int unsigna
     cdef v.ibv_qp_ex *q = qp.qp_ex
     cdef Py_ssize_t nchunks = len(chunks), k
     cdef tuple c
+    cdef object item
     cdef int rc
     v.ibv_wr_start(q)
     q.wr_flags = 0
@@ -124,7 +125,11 @@ def post(QPEx qp not None, chunks, Py_ssize_t start, Py_ssize_t end, int unsigna
                 q.wr_id = 0
                 q.wr_flags = 0
             if k < nchunks:
-                c = <tuple?>chunks[k]
+                item = chunks[k]
+                # Chunk is a named tuple: a tuple subclass, which <tuple?> would refuse (it wants exactly tuple).
+                if not isinstance(item, tuple) or len(<tuple>item) != 5:
+                    raise TypeError(f"chunk {k} is not (laddr, lkey, length, rkey, raddr): {item!r:.80}")
+                c = <tuple>item
                 if read:
                     v.ibv_wr_rdma_read(q, <uint32_t>c[3], <uint64_t>c[4])
                 else:

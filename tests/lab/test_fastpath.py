@@ -54,7 +54,7 @@ def test_fastpath_write_flush_lands_each_request_exactly(storage, peer, native):
 def test_fastpath_pipelined_writes_land_and_read_back(storage, peer, native, flush):
     """More requests than the queue holds (depth 16, one in 4 signalled), in reverse order, with and without a
     FLUSH behind the batch; then RDMA READ brings back what the file holds."""
-    assert storage.connect(peer, native=native, depth=16, signal_every=4)["native"] is native
+    assert storage.connect(peer, native=native, depth=16, signal_every=4, buffer=8 * MiB)["native"] is native
     mr = register(storage.pd, storage.map.addr, storage.length, ALL)
     length = 4 * MiB + 3 * 4096
     reply = peer.call("write_many", rkey=mr.rkey, raddr=mr.addr + MiB, length=length, seed=70, chunk=4096,
