@@ -24,8 +24,9 @@ from pyverbs.wr import SGE
 
 try:   # the native post-and-poll (rdma/fastpath), built in the lab root and the node's image
     import rdax_fastpath as _fastpath
+    _native_write_flush = _fastpath.write_flush
 except ImportError:
-    _fastpath = None
+    _fastpath = _native_write_flush = None
 
 from .device import PORT, Device
 from .errors import Abandoned, ConnectError, VerbsError, WorkCompletionError
@@ -501,9 +502,24 @@ class Connection:
         """RDMA WRITE every chunk, then FLUSH(persistent) [raddr, raddr+length)
         behind them on the same QP (RC executes them in order): one wait, and
         the bytes are durable when it returns."""
+        if self._native and type(chunks) is list and len(chunks) == 1 and not self._in_flight:
+            # The latency case in one native call (post WRITE + FLUSH, spin for the FLUSH's completion, GIL
+            # released), written flat: in the lab each Python step here costs a few microseconds (hotpath.py).
+            first: Chunk = chunks[0]
+            laddr, lkey, n, wkey, waddr = first
+            with self._polling:   # close() must not destroy the QP and CQ under the call
+                if self._closed:
+                    raise Abandoned("ibv_poll_cq[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
+                                    "the connection was closed")
+                try:
+                    status = _native_write_flush(self.qp, self.cq, laddr, lkey, n, wkey, waddr, rkey, raddr, length,
+                                                 self._spin_ns, self._spin_ns)
+                except OSError as exc:
+                    raise self._native_post_failed(exc, n) from exc
+            if status:   # an error, or past the spin (a slow peer, a page fault on the node)
+                self._write_flush_native_wait(status, n, raddr, length, timeout)
+            return n
         if isinstance(chunks, (list, tuple)) and len(chunks) == 1 and not self._in_flight:
-            if self._native:
-                return self._write_flush_native(chunks[0], rkey, raddr, length, timeout)
             # The latency case, written flat: in the lab every Python step
             # between the call and wr_complete() adds to the round trip (the
             # generic path costs about 100 us more per write+flush), while
@@ -539,33 +555,22 @@ class Connection:
             return n
         return self._transfer("RDMA_WRITE+FLUSH", chunks, tail=self._flush_wr(rkey, raddr, length), timeout=timeout)
 
-    def _write_flush_native(self, chunk: Chunk, rkey: int, raddr: int, length: int, timeout: float) -> int:
-        """write_flush's latency case in one native call: post WRITE + FLUSH, spin for the FLUSH's completion."""
-        laddr, lkey, n, wkey, waddr = chunk
-        with self._polling:
-            if self._closed:
-                raise Abandoned("ibv_poll_cq[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
-                                "the connection was closed")
-            spin = self._spin_ns
-            try:
-                status = _fastpath.write_flush(self.qp, self.cq, laddr, lkey, n, wkey, waddr, rkey, raddr, length,
-                                               spin, spin)
-            except OSError as exc:
-                if exc.strerror == "ibv_start_poll":
-                    self._in_flight = 2
-                raise VerbsError(f"{exc.strerror}[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
-                                 detail=os.strerror(exc.errno or 0)) from exc
-        if status == _fastpath.PENDING:   # past the spin (a slow peer, a page fault on the node): wait on
+    def _native_post_failed(self, exc: OSError, n: int) -> VerbsError:
+        """write_flush's native call raised: nothing went out ("ibv_wr_complete"), or both are in flight."""
+        if exc.strerror == "ibv_start_poll":
             self._in_flight = 2
+        return VerbsError(f"{exc.strerror}[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
+                          detail=os.strerror(exc.errno or 0))
 
-            def describe() -> dict[str, object]:
-                return {"requests": 2, "bytes": n, "flush_addr": raddr, "flush_len": length}
+    def _write_flush_native_wait(self, status: int, n: int, raddr: int, length: int, timeout: float) -> None:
+        """write_flush's native call came back with an error status, or PENDING: wait on for its completion."""
+        def describe() -> dict[str, object]:
+            return {"requests": 2, "bytes": n, "flush_addr": raddr, "flush_len": length}
+        if status == _fastpath.PENDING:
+            self._in_flight = 2
             self._retire_native("RDMA_WRITE+FLUSH", describe, True, timeout, spin=0.0)
-            return int(n)
-        if status:
-            raise self._failed("RDMA_WRITE+FLUSH", lambda: {"requests": 2, "bytes": n, "flush_addr": raddr,
-                                                            "flush_len": length}, status)
-        return int(n)
+        else:
+            raise self._failed("RDMA_WRITE+FLUSH", describe, status)
 
     def flush(self, rkey: int, raddr: int, length: int, timeout: float = 30.0) -> None:
         self.post_flush(rkey, raddr, length)

@@ -26,6 +26,8 @@ cdef extern from "<sched.h>" nogil:
 
 # write_flush's answer when no completion came within its budget: both requests are still in flight.
 PENDING = -1
+# While spinning, sched_yield() once every YIELD_MASK + 1 polls (a power of two); tests/bench/hotpath.py A/Bs it.
+YIELD_MASK = 0xF
 # Napping between polls once the spin is over: from NAP_MIN_NS doubling to NAP_MAX_NS (connection.py's NAP_*).
 cdef int64_t NAP_MIN_NS = 100000
 cdef int64_t NAP_MAX_NS = 1000000
@@ -37,10 +39,11 @@ cdef inline int64_t _now() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef int _wait(v.ibv_cq_ex *cq, int64_t spin_ns, int64_t budget_ns) noexcept nogil:
+cdef int _wait(v.ibv_cq_ex *cq, int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask) noexcept nogil:
     """ibv_start_poll until a completion is there (0: the poll batch is open), `budget_ns` ran out (ENOENT), or
-    an error (its errno). Spins for `spin_ns` (yielding the CPU every 16 polls: soft-RoCE's own work runs on
-    these CPUs), then naps between polls: a long wait must not take the CPU from the peer and the kernel."""
+    an error (its errno). Spins for `spin_ns` (yielding the CPU every yield_mask + 1 polls: soft-RoCE's own work
+    runs on these CPUs), then naps between polls: a long wait must not take the CPU from the peer and the
+    kernel."""
     cdef v.ibv_poll_cq_attr attr
     attr.comp_mask = 0
     cdef int rc = v.ibv_start_poll(cq, &attr)
@@ -51,7 +54,7 @@ cdef int _wait(v.ibv_cq_ex *cq, int64_t spin_ns, int64_t budget_ns) noexcept nog
     cdef timespec ts
     while True:
         spins += 1
-        if not (spins & 0xF):
+        if not (spins & yield_mask):
             sched_yield()
         if nap or not (spins & 0x3F):   # the clock only now and then while spinning: it costs as much as a poll
             elapsed = _now() - start
@@ -75,7 +78,7 @@ def usable(QPEx qp not None, CQEX cq not None):
     return qp.qp_ex.qp_base.qp_num == qp.qp_num
 
 
-def poll(CQEX cq not None, int64_t spin_ns, int64_t budget_ns):
+def poll(CQEX cq not None, int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK):
     """Wait for completions (GIL released) and read them all: (rc, retired, status). rc is ENOENT if none came
     within `budget_ns`, an errno if polling failed, else 0; `retired` adds up the wr_id of every successful
     completion read (the requests each retires, at least 1); `status` is the first failed completion's status
@@ -84,7 +87,7 @@ def poll(CQEX cq not None, int64_t spin_ns, int64_t budget_ns):
     cdef int rc, status = 0
     cdef uint64_t retired = 0, wr_id
     with nogil:
-        rc = _wait(c, spin_ns, budget_ns)
+        rc = _wait(c, spin_ns, budget_ns, yield_mask)
         if rc == 0:
             while True:
                 if c.status != 0:
@@ -148,7 +151,7 @@ def post(QPEx qp not None, chunks, Py_ssize_t start, Py_ssize_t end, int unsigna
 
 def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lkey, uint32_t length,
                 uint32_t rkey, uint64_t raddr, uint32_t flush_rkey, uint64_t flush_addr, uint64_t flush_len,
-                int64_t spin_ns, int64_t budget_ns):
+                int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK):
     """The latency case: one RDMA WRITE (unsignalled) and a signalled FLUSH(persistent, range) behind it, with
     nothing else in flight, then wait for the FLUSH's completion (or the first error), GIL released. Returns
     its status (0: the bytes are durable), or PENDING if none came within `budget_ns` (both requests are
@@ -170,7 +173,7 @@ def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lke
         rc = v.ibv_wr_complete(q)
         if rc == 0:
             posted = True
-            rc = _wait(c, spin_ns, budget_ns)
+            rc = _wait(c, spin_ns, budget_ns, yield_mask)
             if rc == 0:
                 status = c.status
                 v.ibv_end_poll(c)
