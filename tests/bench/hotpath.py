@@ -23,6 +23,8 @@ sys.path.insert(0, str(HERE))
 SIZE = 4096
 # Many short rounds: the host's noise comes in bursts of seconds, and a variant's rounds must share them.
 ROUNDS, PER_ROUND = 24, 50
+# The walking variant writes page after page of this much, as versus.py's lat_4k does over its 32 MiB.
+WALK = 32 << 20
 # The pipelined A/B: BATCH 4 KiB writes and one FLUSH, up to the connection's depth in flight, per timed call.
 BATCH, BATCH_ROUNDS = 512, 24
 
@@ -34,8 +36,8 @@ def client(target: str) -> None:
     from rdax.rdma import Chunk
 
     s = connect(target)
-    f = s.open("hotpath", 1 << 20)
-    f.write(0, bytes(1 << 20), flush=True)   # fault the region in (ODP)
+    f = s.open("hotpath", WALK)
+    f.write(0, bytes(WALK), flush=True)   # fault the region in (ODP)
     conn, rkey, raddr = s.conn, f.grant.rkey, f.grant.remote_addr
     chunk = Chunk(s.staging.addr, s.staging.lkey, SIZE, rkey, raddr)
     qp, cq, sge, attr = conn.qp, conn.cq, conn._sge, conn._poll_attr
@@ -78,6 +80,12 @@ def client(target: str) -> None:
         return run
 
     write_flush = lambda: conn.write_flush([chunk], rkey, raddr, SIZE)   # noqa: E731
+    pages = iter(range(1 << 62))
+
+    def walking() -> None:
+        """As versus.py's lat_4k does: each write to the next page of WALK bytes, a Chunk and a list built."""
+        off = raddr + (next(pages) * SIZE) % WALK
+        conn.write_flush([Chunk(s.staging.addr, s.staging.lkey, SIZE, rkey, off)], rkey, off, SIZE)
     file_write = lambda: f.write(0, data, flush=True)   # noqa: E731
     variants = {"bare pyverbs": bare,
                 "Connection.write_flush (pyverbs)": on(False, write_flush),
@@ -89,6 +97,7 @@ def client(target: str) -> None:
                          "bare native, yield/256 polls": bare_native(0xFF),
                          "bare native, never yields": bare_native(0xFFFFFFFF),
                          "Connection.write_flush (native)": on(True, write_flush),
+                         "Connection.write_flush (native), walking": on(True, walking),
                          "RemoteFile.write (native)": on(True, file_write)})
     else:
         print("hotpath: rdax_fastpath is not built or not usable here: the native variants are left out")
@@ -107,11 +116,11 @@ def client(target: str) -> None:
         v.sort()
         if not v:
             continue
-        print(f"  {name:34s} p10 {v[len(v) // 10] / 1e3:7.1f}  p50 {v[len(v) // 2] / 1e3:7.1f}"
+        print(f"  {name:42s} p10 {v[len(v) // 10] / 1e3:7.1f}  p50 {v[len(v) // 2] / 1e3:7.1f}"
               f"  p90 {v[9 * len(v) // 10] / 1e3:7.1f}")
     # Pipelined: BATCH 4 KiB writes through one grant and a FLUSH of them all, Connection.write_flush on either
     # path, the paths alternating call by call.
-    region = min(f.length, BATCH * SIZE)
+    region = min(f.length, BATCH * SIZE)   # (a region the batches rewrite)
     batch = [Chunk(s.staging.addr + (i * SIZE) % s.staging.length, s.staging.lkey, SIZE, rkey,
                    raddr + (i * SIZE) % region) for i in range(BATCH)]
     rates: dict[bool, list[float]] = {True: [], False: []} if native else {False: []}
