@@ -503,7 +503,8 @@ HEADLINE = ("rdax_vs_librpma_lat_4k_p50", "rdax_vs_librpma_bw_1m", "rdax_vs_libr
 
 
 def versus(systems: dict, blocks: int, budget_left, note) -> dict:
-    """Blocks of every system's WORKLOADS, the order rotated each block (ABC, BCA, CAB, ...); the server's CPU
+    """Blocks of every system's WORKLOADS, the order rotated each block and every other block reversed (ABC,
+    ACB, CAB, BAC, ...); the server's CPU
     (utime + stime) is read around each system's part of a block."""
     names = [n for n in SYSTEMS if n in systems]
     rows: dict[str, list[dict]] = {n: [] for n in names}
@@ -517,6 +518,11 @@ def versus(systems: dict, blocks: int, budget_left, note) -> dict:
             break
         t_block = time.monotonic()
         order = names[b % len(names):] + names[:b % len(names)]
+        if b % 2:
+            # A rotation keeps the cyclic order, so every system would follow the same one every block (rdax
+            # followed NFS's fio in 4 of 5 blocks: whatever the kernel is left doing after it, rdax paid for).
+            # Every other block runs backwards: each system then follows both of its neighbours.
+            order.reverse()
         order_log.append(order)
         for n in order:
             sysm = systems[n]
