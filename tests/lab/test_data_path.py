@@ -95,20 +95,8 @@ def test_write_after_deregistration_bad_flow(storage, peer):
     assert storage.pread(0, 4096) == pattern(2, 4096)
 
 
-def test_write_flush_lands_each_request_exactly(storage, peer):
-    """The one-request WRITE+FLUSH path: every byte where it was aimed, nothing beside it."""
-    storage.connect(peer)
-    mr = register(storage.pd, storage.map.addr, storage.length, Access.WRITE | Access.FLUSH)
-    # Page-aligned starts, any length (see the next test for why).
-    spots = [(0, 64, 61), (4096, 4096 + 100, 62), (MiB, 8, 63), (3 * MiB, 4096, 64), (3 * MiB + 3 * 4096, 1, 65)]
-    for off, n, seed in spots:
-        reply = peer.call("write_flush", rkey=mr.rkey, raddr=mr.addr + off, length=n, seed=seed)
-        assert reply["ok"] and reply["bytes"] == n, reply
-    expected = bytearray(storage.length)
-    for off, n, seed in spots:
-        expected[off:off + n] = pattern(seed, n)
-    assert storage.pread(0, storage.length) == bytes(expected)
-    mr.close()
+# A WRITE+FLUSH landing exactly, and one beyond its region: tests/lab/test_fastpath.py, on both of Connection's
+# paths.
 
 
 def test_odp_write_starting_inside_a_page_lands_at_the_page_start_bad_flow(storage, peer):
@@ -122,16 +110,6 @@ def test_odp_write_starting_inside_a_page_lands_at_the_page_start_bad_flow(stora
         pytest.fail("a write starting inside a page landed where it was aimed: has the rxe ODP bug been fixed? "
                     "(then the canary hands out write_alignment 1 and this test can go)")
     assert page[:200] == pattern(67, 200), "the misplaced write is not at the page start either"
-    mr.close()
-
-
-def test_write_flush_beyond_the_region_bad_flow(storage, peer):
-    storage.connect(peer)
-    mr = register(storage.pd, storage.map.addr, MiB, Access.WRITE | Access.FLUSH)
-    reply = peer.call("write_flush", rkey=mr.rkey, raddr=mr.addr + MiB - 2048, length=4096, seed=66)
-    assert not reply["ok"] and reply["status"] == REM_ACCESS_ERR, reply
-    assert peer.call("state")["state"] == "ERR"
-    assert storage.pread(0, 2 * MiB) == bytes(2 * MiB), "a write beyond the region landed"
     mr.close()
 
 
