@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from errno import ENOENT
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyverbs.enums as e
 from pyverbs.addr import GID, AHAttr, GlobalRoute
@@ -24,9 +24,8 @@ from pyverbs.wr import SGE
 
 try:   # the native post-and-poll (rdma/fastpath), built in the lab root and the node's image
     import rdax_fastpath as _fastpath
-    _native_write_flush = _fastpath.write_flush
 except ImportError:
-    _fastpath = _native_write_flush = None
+    _fastpath = None
 
 from .device import PORT, Device
 from .errors import Abandoned, ConnectError, VerbsError, WorkCompletionError
@@ -135,6 +134,7 @@ class Connection:
         self._closed = False
         # The native waits run with the GIL released: close() must not destroy the CQ under one.
         self._polling = threading.Lock()
+        self._lane: Any = None   # the native write_flush (rdax_fastpath.WriteFlush), below
         try:
             self.cq = CQEX(device.context, CqInitAttrEx(cqe=depth * 2))
             self._poll_attr = PollCqAttr()
@@ -159,6 +159,11 @@ class Connection:
             raise VerbsError("rdax_fastpath", {"device": device.name},
                              detail="the native post-and-poll is not built here, or not for this pyverbs "
                                     "(rdma/fastpath; RDAX_FASTPATH=0 uses pyverbs alone)")
+        # The latency case of write_flush in one C call, the rest handed back to the method below (an instance
+        # attribute shadows it): in the lab each Python step of the call costs about a microsecond.
+        self._lane = _fastpath.WriteFlush(self, self.qp, self.cq, Connection.write_flush) if self._native else None
+        if self._lane is not None:
+            self.write_flush = self._lane   # type: ignore[method-assign]
 
     @property
     def spin_seconds(self) -> float:
@@ -502,23 +507,9 @@ class Connection:
         """RDMA WRITE every chunk, then FLUSH(persistent) [raddr, raddr+length)
         behind them on the same QP (RC executes them in order): one wait, and
         the bytes are durable when it returns."""
-        if self._native and type(chunks) is list and len(chunks) == 1 and not self._in_flight:
-            # The latency case in one native call (post WRITE + FLUSH, spin for the FLUSH's completion, GIL
-            # released), written flat: in the lab each Python step here costs a few microseconds (hotpath.py).
-            first: Chunk = chunks[0]
-            laddr, lkey, n, wkey, waddr = first
-            with self._polling:   # close() must not destroy the QP and CQ under the call
-                if self._closed:
-                    raise Abandoned("ibv_poll_cq[RDMA_WRITE+FLUSH]", {"requests": 2, "bytes": n},
-                                    "the connection was closed")
-                try:
-                    status = _native_write_flush(self.qp, self.cq, laddr, lkey, n, wkey, waddr, rkey, raddr, length,
-                                                 self._spin_ns, self._spin_ns)
-                except OSError as exc:
-                    raise self._native_post_failed(exc, n) from exc
-            if status:   # an error, or past the spin (a slow peer, a page fault on the node)
-                self._write_flush_native_wait(status, n, raddr, length, timeout)
-            return n
+        if self._closed and self._native:   # (what the native WriteFlush hands back, among others)
+            raise Abandoned("ibv_poll_cq[RDMA_WRITE+FLUSH]", {"flush_addr": raddr, "flush_len": length},
+                            "the connection was closed")
         if isinstance(chunks, (list, tuple)) and len(chunks) == 1 and not self._in_flight:
             # The latency case, written flat: in the lab every Python step
             # between the call and wr_complete() adds to the round trip (the
@@ -582,9 +573,12 @@ class Connection:
 
     # -- teardown -------------------------------------------------------------
     def close(self) -> None:
-        # A native wait in another thread holds `_polling` for at most NATIVE_SLICE_NS, then sees _closed.
+        # A native wait in another thread holds `_polling` for at most NATIVE_SLICE_NS, then sees _closed; a
+        # native write_flush (WriteFlush) saw _closed false and is in C until it lowers `busy`.
         with self._teardown, self._polling:
             self._closed = True
+            while self._lane is not None and self._lane.busy:
+                time.sleep(0.0002)
             for obj in (self.qp, self.cq):
                 try:
                     obj.close()

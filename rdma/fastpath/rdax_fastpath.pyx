@@ -15,6 +15,8 @@ from libc.errno cimport ENOENT
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
+import weakref
+
 from pyverbs.cq cimport CQEX
 from pyverbs.qp cimport QPEx
 cimport pyverbs.libibverbs as v
@@ -27,7 +29,8 @@ cdef extern from "<sched.h>" nogil:
 # write_flush's answer when no completion came within its budget: both requests are still in flight.
 PENDING = -1
 # While spinning, sched_yield() once every YIELD_MASK + 1 polls (a power of two); tests/bench/hotpath.py A/Bs it.
-YIELD_MASK = 0xF
+cdef unsigned int YIELD_MASK_C = 0xF
+YIELD_MASK = YIELD_MASK_C
 # Napping between polls once the spin is over: from NAP_MIN_NS doubling to NAP_MAX_NS (connection.py's NAP_*).
 cdef int64_t NAP_MIN_NS = 100000
 cdef int64_t NAP_MAX_NS = 1000000
@@ -149,6 +152,31 @@ def post(QPEx qp not None, chunks, Py_ssize_t start, Py_ssize_t end, int unsigna
     return unsignalled
 
 
+cdef int _write_flush(v.ibv_qp_ex *q, v.ibv_cq_ex *c, uint64_t laddr, uint32_t lkey, uint32_t length,
+                      uint32_t rkey, uint64_t raddr, uint32_t flush_rkey, uint64_t flush_addr, uint64_t flush_len,
+                      int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask, int *status,
+                      bint *posted) noexcept nogil:
+    """Post the WRITE and the signalled FLUSH behind it, wait for the FLUSH's completion: 0 (its status in
+    *status), ENOENT (none within budget_ns), or an errno (*posted: whether the requests went out)."""
+    v.ibv_wr_start(q)
+    q.wr_flags = 0
+    q.wr_id = 0
+    v.ibv_wr_rdma_write(q, rkey, raddr)
+    v.ibv_wr_set_sge(q, lkey, laddr, length)
+    q.wr_id = 2
+    q.wr_flags = v.IBV_SEND_SIGNALED
+    v.ibv_wr_flush(q, flush_rkey, flush_addr, flush_len, v.IBV_FLUSH_PERSISTENT, v.IBV_FLUSH_RANGE)
+    cdef int rc = v.ibv_wr_complete(q)
+    if rc:
+        return rc
+    posted[0] = True
+    rc = _wait(c, spin_ns, budget_ns, yield_mask)
+    if rc == 0:
+        status[0] = c.status
+        v.ibv_end_poll(c)
+    return rc
+
+
 def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lkey, uint32_t length,
                 uint32_t rkey, uint64_t raddr, uint32_t flush_rkey, uint64_t flush_addr, uint64_t flush_len,
                 int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK):
@@ -157,28 +185,68 @@ def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lke
     its status (0: the bytes are durable), or PENDING if none came within `budget_ns` (both requests are
     then in flight, the FLUSH's wr_id 2: poll() goes on); raises OSError if posting (strerror
     "ibv_wr_complete": nothing went out) or polling ("ibv_start_poll": both are in flight) failed."""
-    cdef v.ibv_qp_ex *q = qp.qp_ex
-    cdef v.ibv_cq_ex *c = cq.cq
     cdef int rc, status = 0
     cdef bint posted = False
     with nogil:
-        v.ibv_wr_start(q)
-        q.wr_flags = 0
-        q.wr_id = 0
-        v.ibv_wr_rdma_write(q, rkey, raddr)
-        v.ibv_wr_set_sge(q, lkey, laddr, length)
-        q.wr_id = 2
-        q.wr_flags = v.IBV_SEND_SIGNALED
-        v.ibv_wr_flush(q, flush_rkey, flush_addr, flush_len, v.IBV_FLUSH_PERSISTENT, v.IBV_FLUSH_RANGE)
-        rc = v.ibv_wr_complete(q)
-        if rc == 0:
-            posted = True
-            rc = _wait(c, spin_ns, budget_ns, yield_mask)
-            if rc == 0:
-                status = c.status
-                v.ibv_end_poll(c)
+        rc = _write_flush(qp.qp_ex, cq.cq, laddr, lkey, length, rkey, raddr, flush_rkey, flush_addr, flush_len,
+                          spin_ns, budget_ns, yield_mask, &status, &posted)
     if rc == ENOENT:
         return PENDING
     if rc:
         raise OSError(rc, "ibv_start_poll" if posted else "ibv_wr_complete")
     return status
+
+
+cdef class WriteFlush:
+    """A native Connection's `write_flush`: the latency case (one chunk in a list, nothing in flight) in this
+    one C call, every other case handed to Connection's own method (`method`, called with the connection).
+
+    Under the lab's emulation each Python step costs about a microsecond, and the Python method's checks,
+    unpacking, close-lock and argument passing came to some 50 us of a ~300 us write+FLUSH (hotpath.py).
+    Here they are C. Errors and a wait past the spin go back to the connection's Python (rare paths).
+
+    close() safety without a lock: the connection's `_closed` is read and `busy` raised with the GIL held, and
+    released only after the call; Connection.close() sets `_closed`, then waits for `busy` to reach 0 before it
+    destroys the QP and CQ (a call spins for at most the connection's spin time, then returns)."""
+    cdef QPEx qp
+    cdef CQEX cq
+    cdef object conn_ref, method
+    cdef readonly int busy
+
+    def __cinit__(self, conn, QPEx qp not None, CQEX cq not None, method):
+        # (A weak reference: the connection holds this object as an attribute; no cycle for the GC to find.)
+        self.conn_ref = weakref.ref(conn)
+        self.qp, self.cq, self.method = qp, cq, method
+
+    def __call__(self, chunks, rkey, raddr, length, timeout=60.0):
+        cdef object conn = self.conn_ref()
+        cdef object item
+        cdef tuple c
+        cdef uint64_t laddr, waddr, flush_addr, flush_len
+        cdef uint32_t lkey, n, wkey, flush_rkey
+        cdef int64_t spin_ns
+        cdef int rc, status = 0
+        cdef bint posted = False
+        if (type(chunks) is not list or len(<list>chunks) != 1 or not conn._native or conn._in_flight
+                or conn._closed):
+            return self.method(conn, chunks, rkey, raddr, length, timeout)
+        item = (<list>chunks)[0]
+        if not isinstance(item, tuple) or len(<tuple>item) != 5:
+            return self.method(conn, chunks, rkey, raddr, length, timeout)
+        c = <tuple>item
+        laddr, lkey, n, wkey, waddr = c[0], c[1], c[2], c[3], c[4]
+        flush_rkey, flush_addr, flush_len = rkey, raddr, length
+        spin_ns = conn._spin_ns
+        self.busy += 1
+        with nogil:
+            rc = _write_flush(self.qp.qp_ex, self.cq.cq, laddr, lkey, n, wkey, waddr, flush_rkey, flush_addr,
+                              flush_len, spin_ns, spin_ns, YIELD_MASK_C, &status, &posted)
+        self.busy -= 1
+        if rc == ENOENT:
+            status = PENDING
+        elif rc:
+            exc = OSError(rc, "ibv_start_poll" if posted else "ibv_wr_complete")
+            raise conn._native_post_failed(exc, n) from exc
+        if status:   # an error, or past the spin (a slow peer, a page fault on the node)
+            conn._write_flush_native_wait(status, n, raddr, length, timeout)
+        return n

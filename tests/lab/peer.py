@@ -97,6 +97,33 @@ class Peer:
             timer.cancel()
         return {"abandoned": False, "seconds": time.monotonic() - t0}
 
+    def write_flush_closed(self, rkey: int, raddr: int, length: int, after: float, spin: float) -> dict:
+        """write_flush towards a peer that will never answer, spinning up to `spin` s, the connection closed
+        from another thread `after` s in; then write_flush once more on the closed connection."""
+        c = Chunk(self.buf.addr, self.buf.lkey, length, rkey, raddr)
+        self.conn.spin_seconds = spin
+        closed: dict[str, float] = {}
+
+        def close() -> None:
+            t = time.monotonic()
+            self.conn.close()
+            closed["close_s"] = time.monotonic() - t
+        timer = threading.Timer(after, close)
+        out: dict[str, Any] = {}
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            self.conn.write_flush([c], rkey, raddr, length, timeout=30)
+        except Abandoned as exc:
+            out.update(abandoned=True, error=str(exc))
+        out["seconds"] = time.monotonic() - t0
+        timer.join()
+        try:
+            self.conn.write_flush([c], rkey, raddr, length, timeout=30)
+        except Abandoned as exc:
+            out["after_close"] = str(exc)
+        return out | closed
+
     def flush(self, rkey: int, raddr: int, length: int) -> dict:
         self.conn.flush(rkey, raddr, length)
         return {}

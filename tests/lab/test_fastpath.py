@@ -106,3 +106,21 @@ def test_fastpath_abandon_stops_a_wait_for_a_peer_that_is_gone_bad_flow(storage,
     assert reply["seconds"] < 5, reply
     assert storage.pread(0, 4096) == bytes(4096)
     mr.close()
+
+
+def test_fastpath_close_during_a_native_write_flush_bad_flow(storage, peer):
+    """close() from another thread while write_flush spins in C (GIL released) on a request nobody answers: close
+    waits for the C call to come back before it destroys the QP and CQ (no use after free: the peer process
+    lives and answers), the write_flush raises Abandoned, and so does one on the closed connection."""
+    assert storage.connect(peer, native=True)["native"] is True
+    mr = register(storage.pd, storage.map.addr, storage.length, Access.WRITE | Access.FLUSH)
+    storage.conn.close()
+    # (spin 0.25 s: shorter than the QP's own retries, about half a second, which would end the wait with an error)
+    reply = peer.call("write_flush_closed", rkey=mr.rkey, raddr=mr.addr, length=4096, after=0.02, spin=0.25)
+    assert reply["ok"] and reply.get("abandoned"), reply
+    assert "closed" in reply["error"] and "closed" in reply["after_close"], reply
+    # close() came while the C call spun (0.25 s) and had to wait for it
+    assert 0.1 < reply["close_s"] < 5, reply
+    assert reply["seconds"] < 5, reply
+    assert storage.pread(0, 4096) == bytes(4096)
+    mr.close()
