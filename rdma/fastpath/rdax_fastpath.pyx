@@ -155,20 +155,27 @@ def post(QPEx qp not None, chunks, Py_ssize_t start, Py_ssize_t end, int unsigna
 cdef int _write_flush(v.ibv_qp_ex *q, v.ibv_cq_ex *c, uint64_t laddr, uint32_t lkey, uint32_t length,
                       uint32_t rkey, uint64_t raddr, uint32_t flush_rkey, uint64_t flush_addr, uint64_t flush_len,
                       int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask, int *status,
-                      bint *posted) noexcept nogil:
+                      bint *posted, bint split=False) noexcept nogil:
     """Post the WRITE and the signalled FLUSH behind it, wait for the FLUSH's completion: 0 (its status in
-    *status), ENOENT (none within budget_ns), or an errno (*posted: whether the requests went out)."""
+    *status), ENOENT (none within budget_ns), or an errno (*posted: whether the requests went out). `split`
+    rings the doorbell for each (as librpma's rpma_write + rpma_flush do; hotpath.py A/Bs it)."""
+    cdef int rc
     v.ibv_wr_start(q)
     q.wr_flags = 0
     q.wr_id = 0
     v.ibv_wr_rdma_write(q, rkey, raddr)
     v.ibv_wr_set_sge(q, lkey, laddr, length)
+    if split:
+        rc = v.ibv_wr_complete(q)
+        if rc:
+            return rc
+        v.ibv_wr_start(q)
     q.wr_id = 2
     q.wr_flags = v.IBV_SEND_SIGNALED
     v.ibv_wr_flush(q, flush_rkey, flush_addr, flush_len, v.IBV_FLUSH_PERSISTENT, v.IBV_FLUSH_RANGE)
-    cdef int rc = v.ibv_wr_complete(q)
+    rc = v.ibv_wr_complete(q)
     if rc:
-        return rc
+        return rc   # (split: the WRITE went out, unsignalled; the caller sees nothing in flight to wait for)
     posted[0] = True
     rc = _wait(c, spin_ns, budget_ns, yield_mask)
     if rc == 0:
@@ -179,7 +186,7 @@ cdef int _write_flush(v.ibv_qp_ex *q, v.ibv_cq_ex *c, uint64_t laddr, uint32_t l
 
 def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lkey, uint32_t length,
                 uint32_t rkey, uint64_t raddr, uint32_t flush_rkey, uint64_t flush_addr, uint64_t flush_len,
-                int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK):
+                int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK, bint split=False):
     """The latency case: one RDMA WRITE (unsignalled) and a signalled FLUSH(persistent, range) behind it, with
     nothing else in flight, then wait for the FLUSH's completion (or the first error), GIL released. Returns
     its status (0: the bytes are durable), or PENDING if none came within `budget_ns` (both requests are
@@ -189,7 +196,7 @@ def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lke
     cdef bint posted = False
     with nogil:
         rc = _write_flush(qp.qp_ex, cq.cq, laddr, lkey, length, rkey, raddr, flush_rkey, flush_addr, flush_len,
-                          spin_ns, budget_ns, yield_mask, &status, &posted)
+                          spin_ns, budget_ns, yield_mask, &status, &posted, split)
     if rc == ENOENT:
         return PENDING
     if rc:

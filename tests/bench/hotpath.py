@@ -11,8 +11,10 @@ library adds on the critical path.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from errno import ENOENT
 from pathlib import Path
@@ -29,7 +31,43 @@ WALK = 32 << 20
 BATCH, BATCH_ROUNDS = 512, 24
 
 
-def client(target: str) -> None:
+def tasks_run_ns(roles: dict[str, str]) -> dict[tuple[str, str], int]:
+    """On-CPU nanoseconds of every task in the guest (kernel threads too), by (process, thread comm), the
+    processes named by `roles` (pid -> name) or their comm: snapshots around a variant's rounds say what else
+    ran while it did. The calling thread is left out: it reads all this, and otherwise times or spins.
+    (Compared with each other only: the sum is not wall time.)"""
+    me = str(threading.get_native_id())
+    # this process's Python threads by their names (the OS knows them all as "python")
+    named = {str(t.native_id): t.name.split(" ")[0] for t in threading.enumerate() if t.native_id}
+    out: dict[tuple[str, str], int] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                pcomm = roles.get(pid) or f.read().strip()
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            if tid == me:
+                continue
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    tcomm = named.get(tid) or f.read().strip()
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            # kworkers change names with their work; fold them (and per-CPU kernel threads) by prefix
+            key = (pcomm.split("/")[0].split(":")[0] if pcomm.startswith(("kworker", "ksoftirqd", "migration"))
+                   else pcomm, tcomm.split("/")[0].split(":")[0] if tcomm.startswith(("kworker", "ksoftirqd"))
+                   else tcomm)
+            out[key] = out.get(key, 0) + ns
+    return out
+
+
+def client(target: str, node_pid: int) -> None:
     import pyverbs.enums as e
 
     from rdax.client import connect
@@ -62,14 +100,14 @@ def client(target: str) -> None:
         cq.end_poll()
         assert status == 0, status
 
-    def bare_native(yield_mask: int | None = None):
+    def bare_native(yield_mask: int | None = None, split: bool = False):
         """rdax_fastpath.write_flush called directly: post both, spin (sched_yield every yield_mask + 1 polls),
         read the status."""
         mask = fastpath.YIELD_MASK if yield_mask is None else yield_mask
 
         def run() -> None:
             status = fastpath.write_flush(qp, cq, chunk.laddr, chunk.lkey, SIZE, rkey, raddr, rkey, raddr, SIZE,
-                                          10_000_000_000, 10_000_000_000, mask)
+                                          10_000_000_000, 10_000_000_000, mask, split)
             assert status == 0, status
         return run
 
@@ -87,7 +125,7 @@ def client(target: str) -> None:
         off = raddr + (next(pages) * SIZE) % WALK
         conn.write_flush([Chunk(s.staging.addr, s.staging.lkey, SIZE, rkey, off)], rkey, off, SIZE)
     file_write = lambda: f.write(0, data, flush=True)   # noqa: E731
-    variants = {"bare pyverbs": bare,
+    variants: dict[str, object] = {"bare pyverbs": bare,
                 "Connection.write_flush (pyverbs)": on(False, write_flush),
                 "RemoteFile.write (pyverbs)": on(False, file_write)}
     native = conn.native
@@ -96,28 +134,64 @@ def client(target: str) -> None:
         variants.update({"bare native": bare_native(),
                          "bare native, yield/256 polls": bare_native(0xFF),
                          "bare native, never yields": bare_native(0xFFFFFFFF),
+                         "bare native, a doorbell each": bare_native(split=True),
                          "Connection.write_flush (native)": on(True, write_flush),
                          "Connection.write_flush (native), walking": on(True, walking),
                          "RemoteFile.write (native)": on(True, file_write)})
     else:
         print("hotpath: rdax_fastpath is not built or not usable here: the native variants are left out")
-    samples: dict[str, list[int]] = {name: [] for name in variants}
+    rpma = None
+    try:
+        from versus import Librpma
+        rpma = Librpma(dict(os.environ), Path("/tmp"), name="hotpath-rpma")
+        variants["librpma (C), pages 0-49"] = None
+    except (OSError, RuntimeError) as exc:   # (a diagnostic: the rdax variants still say something without it)
+        print(f"hotpath: no librpma anchor ({exc})")
+    roles = {str(os.getpid()): "client", str(node_pid): "node"}
     clock = time.perf_counter_ns
-    for _ in range(ROUNDS):
-        for name, op in variants.items():
-            for _ in range(10):
-                op()
-            for _ in range(PER_ROUND):
-                t0 = clock()
-                op()
-                samples[name].append(clock() - t0)
-    print(f"{SIZE} B write + FLUSH(persistent), {ROUNDS} interleaved rounds of {PER_ROUND}, microseconds")
-    for name, v in samples.items():
-        v.sort()
-        if not v:
-            continue
-        print(f"  {name:42s} p10 {v[len(v) // 10] / 1e3:7.1f}  p50 {v[len(v) // 2] / 1e3:7.1f}"
-              f"  p90 {v[9 * len(v) // 10] / 1e3:7.1f}")
+
+    def measure(names: list[str], title: str) -> None:
+        samples: dict[str, list[int]] = {name: [] for name in names}
+        round_p50: dict[str, list[float]] = {name: [] for name in names}
+        used: dict[str, dict[tuple[str, str], int]] = {name: {} for name in names}
+        wall = dict.fromkeys(names, 0)
+        for _ in range(ROUNDS):
+            for name in names:
+                op = variants[name]
+                if op is not None:
+                    for _ in range(10):
+                        op()
+                before, w0 = tasks_run_ns(roles), clock()
+                if op is None:
+                    round_p50[name].append(rpma.run(SIZE, 1, PER_ROUND)["p50_us"])
+                else:
+                    mine = []
+                    for _ in range(PER_ROUND):
+                        t0 = clock()
+                        op()
+                        mine.append(clock() - t0)
+                    samples[name] += mine
+                    round_p50[name].append(sorted(mine)[PER_ROUND // 2] / 1e3)
+                wall[name] += clock() - w0
+                for key, ns in tasks_run_ns(roles).items():
+                    if ns > before.get(key, 0):
+                        used[name][key] = used[name].get(key, 0) + ns - before.get(key, 0)
+        print(f"{title}: {SIZE} B write + FLUSH(persistent), {ROUNDS} interleaved rounds of {PER_ROUND},"
+              " microseconds (p50/round: the median of the rounds' p50s)")
+        for name, v in samples.items():
+            v.sort()
+            r = sorted(round_p50[name])
+            pooled = (f"p10 {v[len(v) // 10] / 1e3:7.1f}  p50 {v[len(v) // 2] / 1e3:7.1f}"
+                      f"  p90 {v[9 * len(v) // 10] / 1e3:7.1f}") if v else f"{'':38s}"
+            print(f"  {name:42s} {pooled}  p50/round {r[len(r) // 2]:7.1f}")
+        print(f"{title}: on-CPU time of the guest's tasks (but the timing thread) while each variant ran, the busiest,"
+              " % of the variant's wall time (2 vCPUs: 200 %)")
+        for name, u in used.items():
+            top = sorted(u.items(), key=lambda kv: -kv[1])[:10]
+            print(f"  {name}: all {100 * sum(u.values()) / max(wall[name], 1):.0f}: "
+                  + ", ".join(f"{p}/{t} {100 * ns / max(wall[name], 1):.1f}" for (p, t), ns in top))
+
+    measure(list(variants), "node running")
     # Pipelined: BATCH 4 KiB writes through one grant and a FLUSH of them all, Connection.write_flush on either
     # path, the paths alternating call by call.
     region = min(f.length, BATCH * SIZE)   # (a region the batches rewrite)
@@ -136,13 +210,27 @@ def client(target: str) -> None:
         print(f"  Connection.write_flush ({'native' if path else 'pyverbs'}){'':8s} p10 {v[len(v) // 10]:7.1f}"
               f"  p50 {v[len(v) // 2]:7.1f}  p90 {v[9 * len(v) // 10]:7.1f}")
     conn._native = native
-    f.close()
-    s.close()
+    # The node has no part in the data path: with it stopped (SIGSTOP), what is left is the client, the
+    # kernel's rxe and the librpma anchor. (Connection-level variants only: the session's RPCs stall.)
+    frozen = [n for n in ("bare native", "bare native, a doorbell each", "Connection.write_flush (native)",
+                          "bare pyverbs", "librpma (C), pages 0-49") if n in variants]
+    os.kill(node_pid, signal.SIGSTOP)
+    try:
+        measure(frozen, "node stopped")
+    finally:
+        os.kill(node_pid, signal.SIGCONT)
+    if rpma is not None:
+        rpma.close()
+    # (The node, stopped, missed the session's heartbeats: it may have ended the session by now.)
+    try:
+        f.close()
+    finally:
+        s.close()
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--client":
-        client(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--client":
+        client(sys.argv[2], int(sys.argv[3]))
         return 0
     from run import Server   # the bench driver's rdax-server in the storage namespace
 
@@ -156,7 +244,7 @@ def main() -> int:
     try:
         from pki import client_env
         return subprocess.call(["ip", "netns", "exec", lab["RDAX_CLIENT_NS"], sys.executable, __file__,
-                                "--client", server.target], env=client_env(server.pki))
+                                "--client", server.target, str(server.pid)], env=client_env(server.pki))
     finally:
         server.stop()
 

@@ -250,8 +250,8 @@ class Librpma:
     def run(self, size: int, depth: int, count: int) -> dict:
         return self.client.ask(f"run {size} {depth} {count}", timeout=120)
 
-    def block(self) -> dict[str, dict]:
-        return {name: self.run(size, depth, count) for name, size, depth, count in WORKLOADS}
+    def block(self, workloads: list = WORKLOADS) -> dict[str, dict]:
+        return {name: self.run(size, depth, count) for name, size, depth, count in workloads}
 
     def close(self) -> None:
         self.client.stop("quit")
@@ -382,8 +382,8 @@ class Nfs:
             rows[name] = row
         return rows
 
-    def block(self) -> dict[str, dict]:
-        return self.fio(WORKLOADS, "versus")
+    def block(self, workloads: list = WORKLOADS) -> dict[str, dict]:
+        return self.fio(workloads, "versus")
 
     def close(self) -> None:
         steps = []
@@ -433,8 +433,8 @@ class Rdax:
     def server_cpu_s(self) -> float:
         return proc_cpu_s(self.server_pid)
 
-    def block(self) -> dict[str, dict]:
-        reply = self.call("versus_block", 240, workloads=WORKLOADS, native=self.native)
+    def block(self, workloads: list = WORKLOADS) -> dict[str, dict]:
+        reply = self.call("versus_block", 240, workloads=workloads, native=self.native)
         if not reply:
             raise RuntimeError(f"{self.name}: versus_block failed (see problems)")
         return reply["rows"]
@@ -503,9 +503,10 @@ HEADLINE = ("rdax_vs_librpma_lat_4k_p50", "rdax_vs_librpma_bw_1m", "rdax_vs_libr
 
 
 def versus(systems: dict, blocks: int, budget_left, note) -> dict:
-    """Blocks of every system's WORKLOADS, the order rotated each block and every other block reversed (ABC,
-    ACB, CAB, BAC, ...); the server's CPU
-    (utime + stime) is read around each system's part of a block."""
+    """Blocks of every system's WORKLOADS, workload by workload: each workload runs on every system back to back
+    (seconds apart, so that a ratio's two figures share the host's weather), the systems' order rotated each
+    block and every other block reversed (ABC, CBA, BCA, ACB, ...). The server's CPU (utime + stime) is read
+    around each system's part."""
     names = [n for n in SYSTEMS if n in systems]
     rows: dict[str, list[dict]] = {n: [] for n in names}
     cpu: dict[str, dict] = {n: {"server_cpu_s": 0.0, "guest_busy_s": 0.0, "bytes": 0} for n in names}
@@ -524,23 +525,32 @@ def versus(systems: dict, blocks: int, budget_left, note) -> dict:
             # Every other block runs backwards: each system then follows both of its neighbours.
             order.reverse()
         order_log.append(order)
+        got: dict[str, dict] = {n: {} for n in names}
+        failed: set[str] = set()
+        for workload in WORKLOADS:
+            for n in order:
+                if n in failed:
+                    continue
+                sysm = systems[n]
+                c0, g0 = sysm.server_cpu_s(), guest_busy_s()
+                try:
+                    part = sysm.block([workload])
+                except Exception as exc:  # noqa: BLE001 - one failed block is noted, the others still count
+                    note(f"versus: {n} block {b + 1} {workload[0]}: {exc}")
+                    failed.add(n)
+                    continue
+                cpu[n]["server_cpu_s"] += sysm.server_cpu_s() - c0
+                cpu[n]["guest_busy_s"] += guest_busy_s() - g0
+                cpu[n]["bytes"] += sum(r.get("bytes") or 0 for r in part.values())
+                got[n].update(part)
         for n in order:
-            sysm = systems[n]
-            c0, g0 = sysm.server_cpu_s(), guest_busy_s()
-            try:
-                got = sysm.block()
-            except Exception as exc:  # noqa: BLE001 - one failed block is noted, the others still count
-                note(f"versus: {n} block {b + 1}: {exc}")
-                rows[n].append({})
+            rows[n].append({} if n in failed else got[n])
+            if n in failed:
                 continue
-            cpu[n]["server_cpu_s"] += sysm.server_cpu_s() - c0
-            cpu[n]["guest_busy_s"] += guest_busy_s() - g0
-            cpu[n]["bytes"] += sum(r.get("bytes") or 0 for r in got.values())
-            rows[n].append(got)
-            lat, bw = got.get("lat_4k", {}), got.get("seq_1m_qd64", {})
+            lat, bw = got[n].get("lat_4k", {}), got[n].get("seq_1m_qd64", {})
             say(f"block {b + 1} {n:>7}: 4 KiB durable p50 {lat.get('p50_us')} us p99 {lat.get('p99_us')} us, "
-                f"1 MiB qd64 {bw.get('bw_mib_s')} MiB/s, 4 KiB qd64 {got.get('seq_4k_qd64', {}).get('bw_mib_s')} "
-                f"MiB/s, 1 MiB qd1 {got.get('seq_1m_qd1', {}).get('bw_mib_s')} MiB/s")
+                f"1 MiB qd64 {bw.get('bw_mib_s')} MiB/s, 4 KiB qd64 {got[n].get('seq_4k_qd64', {}).get('bw_mib_s')} "
+                f"MiB/s, 1 MiB qd1 {got[n].get('seq_1m_qd1', {}).get('bw_mib_s')} MiB/s")
         per_block_s = time.monotonic() - t_block
 
     out_systems = {}
