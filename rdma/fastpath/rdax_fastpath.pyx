@@ -13,6 +13,7 @@ types' sizes are checked when this module is imported, and `usable` checks a fie
 
 from libc.errno cimport ENOENT
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 import weakref
@@ -186,7 +187,8 @@ cdef int _write_flush(v.ibv_qp_ex *q, v.ibv_cq_ex *c, uint64_t laddr, uint32_t l
 
 def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lkey, uint32_t length,
                 uint32_t rkey, uint64_t raddr, uint32_t flush_rkey, uint64_t flush_addr, uint64_t flush_len,
-                int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK, bint split=False):
+                int64_t spin_ns, int64_t budget_ns, unsigned int yield_mask=YIELD_MASK, bint split=False,
+                bint keep_gil=False):
     """The latency case: one RDMA WRITE (unsignalled) and a signalled FLUSH(persistent, range) behind it, with
     nothing else in flight, then wait for the FLUSH's completion (or the first error), GIL released. Returns
     its status (0: the bytes are durable), or PENDING if none came within `budget_ns` (both requests are
@@ -194,14 +196,51 @@ def write_flush(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lke
     "ibv_wr_complete": nothing went out) or polling ("ibv_start_poll": both are in flight) failed."""
     cdef int rc, status = 0
     cdef bint posted = False
-    with nogil:
+    if keep_gil:   # (hotpath.py's A/B: what releasing the GIL around the wait costs)
         rc = _write_flush(qp.qp_ex, cq.cq, laddr, lkey, length, rkey, raddr, flush_rkey, flush_addr, flush_len,
                           spin_ns, budget_ns, yield_mask, &status, &posted, split)
+    else:
+        with nogil:
+            rc = _write_flush(qp.qp_ex, cq.cq, laddr, lkey, length, rkey, raddr, flush_rkey, flush_addr,
+                              flush_len, spin_ns, budget_ns, yield_mask, &status, &posted, split)
     if rc == ENOENT:
         return PENDING
     if rc:
         raise OSError(rc, "ibv_start_poll" if posted else "ibv_wr_complete")
     return status
+
+
+def write_flush_timed(QPEx qp not None, CQEX cq not None, uint64_t laddr, uint32_t lkey, uint32_t length,
+                      uint32_t rkey, uint64_t raddr, uint64_t span, Py_ssize_t count,
+                      unsigned int yield_mask=YIELD_MASK):
+    """A benchmark's loop, not the library's: `count` write_flush of `length` bytes, page after page over `span`
+    bytes from raddr (as librpma's rpma_bench does), all in C with the GIL released, each timed around its post
+    and wait; the list of nanoseconds. tests/bench/hotpath.py sets it beside librpma: what is left between them
+    is the verbs, not Python."""
+    cdef Py_ssize_t i, done = 0
+    cdef uint64_t off
+    cdef int64_t t0
+    cdef int rc = 0, status = 0
+    cdef bint posted = False
+    cdef int64_t *ns = <int64_t *>malloc(max(count, 1) * sizeof(int64_t))
+    if ns == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for i in range(count):
+                off = raddr + (<uint64_t>i * length) % span
+                t0 = _now()
+                rc = _write_flush(qp.qp_ex, cq.cq, laddr, lkey, length, rkey, off, rkey, off, length,
+                                  10000000000, 10000000000, yield_mask, &status, &posted)
+                ns[i] = _now() - t0
+                if rc or status:
+                    break
+                done += 1
+        if rc or status:
+            raise OSError(rc, f"write_flush_timed: request {done}: rc {rc}, completion status {status}")
+        return [ns[i] for i in range(count)]
+    finally:
+        free(ns)
 
 
 cdef class WriteFlush:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from errno import ENOENT
 from pathlib import Path
 
@@ -100,14 +101,16 @@ def client(target: str, node_pid: int) -> None:
         cq.end_poll()
         assert status == 0, status
 
-    def bare_native(yield_mask: int | None = None, split: bool = False):
+    def bare_native(yield_mask: int | None = None, split: bool = False, pages: int = 1, keep_gil: bool = False):
         """rdax_fastpath.write_flush called directly: post both, spin (sched_yield every yield_mask + 1 polls),
         read the status."""
         mask = fastpath.YIELD_MASK if yield_mask is None else yield_mask
+        at = iter(range(1 << 62))
 
         def run() -> None:
-            status = fastpath.write_flush(qp, cq, chunk.laddr, chunk.lkey, SIZE, rkey, raddr, rkey, raddr, SIZE,
-                                          10_000_000_000, 10_000_000_000, mask, split)
+            off = raddr + next(at) % pages * SIZE
+            status = fastpath.write_flush(qp, cq, chunk.laddr, chunk.lkey, SIZE, rkey, off, rkey, off, SIZE,
+                                          10_000_000_000, 10_000_000_000, mask, split, keep_gil)
             assert status == 0, status
         return run
 
@@ -132,18 +135,34 @@ def client(target: str, node_pid: int) -> None:
     if native:
         import rdax_fastpath as fastpath
         variants.update({"bare native": bare_native(),
-                         "bare native, yield/256 polls": bare_native(0xFF),
                          "bare native, never yields": bare_native(0xFFFFFFFF),
-                         "bare native, a doorbell each": bare_native(split=True),
+                         "bare native, pages 0-49": bare_native(pages=50),
+                         "bare native, GIL kept": bare_native(keep_gil=True),
+                         "a no-op native call (usable), timed alike": lambda: fastpath.usable(qp, cq),
                          "Connection.write_flush (native)": on(True, write_flush),
                          "Connection.write_flush (native), walking": on(True, walking),
                          "RemoteFile.write (native)": on(True, file_write)})
     else:
         print("hotpath: rdax_fastpath is not built or not usable here: the native variants are left out")
+    # Variants whose rounds are timed in C: the round's samples (ns; none from librpma) and its p50 (us).
+    in_c: dict[str, Callable[[], tuple[list[int], float]]] = {}
+    if native and hasattr(fastpath, "write_flush_timed"):
+        def c_loop(yield_mask: int, pages: int = 50):
+            def run() -> tuple[list[int], float]:
+                """rdax's verbs with no Python between them: fastpath's benchmark loop, as rpma_bench's."""
+                ns = fastpath.write_flush_timed(qp, cq, chunk.laddr, chunk.lkey, SIZE, rkey, raddr, pages * SIZE,
+                                                PER_ROUND, yield_mask)
+                return ns, sorted(ns)[PER_ROUND // 2] / 1e3
+            return run
+        in_c["native loop in C, pages 0-49 (timed in C)"] = c_loop(fastpath.YIELD_MASK)
+        in_c["native loop in C, never yields"] = c_loop(0xFFFFFFFF)
+        in_c["native loop in C, page 0"] = c_loop(fastpath.YIELD_MASK, pages=1)
+        variants.update(dict.fromkeys(in_c))
     rpma = None
     try:
         from versus import Librpma
         rpma = Librpma(dict(os.environ), Path("/tmp"), name="hotpath-rpma")
+        in_c["librpma (C), pages 0-49"] = lambda: ([], rpma.run(SIZE, 1, PER_ROUND)["p50_us"])
         variants["librpma (C), pages 0-49"] = None
     except (OSError, RuntimeError) as exc:   # (a diagnostic: the rdax variants still say something without it)
         print(f"hotpath: no librpma anchor ({exc})")
@@ -163,7 +182,9 @@ def client(target: str, node_pid: int) -> None:
                         op()
                 before, w0 = tasks_run_ns(roles), clock()
                 if op is None:
-                    round_p50[name].append(rpma.run(SIZE, 1, PER_ROUND)["p50_us"])
+                    got, p50 = in_c[name]()
+                    samples[name] += got
+                    round_p50[name].append(p50)
                 else:
                     mine = []
                     for _ in range(PER_ROUND):
@@ -212,8 +233,9 @@ def client(target: str, node_pid: int) -> None:
     conn._native = native
     # The node has no part in the data path: with it stopped (SIGSTOP), what is left is the client, the
     # kernel's rxe and the librpma anchor. (Connection-level variants only: the session's RPCs stall.)
-    frozen = [n for n in ("bare native", "bare native, a doorbell each", "Connection.write_flush (native)",
-                          "bare pyverbs", "librpma (C), pages 0-49") if n in variants]
+    frozen = [n for n in ("bare native", "bare native, GIL kept", "native loop in C, pages 0-49 (timed in C)",
+                          "native loop in C, page 0", "a no-op native call (usable), timed alike",
+                          "Connection.write_flush (native)", "librpma (C), pages 0-49") if n in variants]
     os.kill(node_pid, signal.SIGSTOP)
     try:
         measure(frozen, "node stopped")
